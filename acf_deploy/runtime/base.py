@@ -1,0 +1,48 @@
+"""One interface for every runtime (Polygraphy's loader/runner split, DESIGN 3).
+
+A backend opens an artifact directory and runs its two graphs on numpy arrays:
+
+* ``sample(z, temperature)`` -> ``{"x": (B, *data_shape), "residual": (B,)}``
+* ``density(x, probes)`` -> ``{"z": (B, D), "log_prob": (B,), "bits_per_dim": (B,)}`` plus
+  ``"min_pivot": (B,)`` in ``exact`` log-det mode. ``probes`` is ``(B, P, D)`` float32 in
+  ``series`` mode and ``None`` otherwise.
+
+Inputs and outputs are float32 numpy arrays; batches larger than the artifact's
+``max_safe_batch`` are chunked by :meth:`Backend.run_chunked`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..artifact import Artifact
+
+Arrays = dict[str, np.ndarray]
+
+
+class Backend(ABC):
+    """A runner for one artifact on one runtime."""
+
+    name: str = "?"
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+
+    @abstractmethod
+    def sample(self, z: np.ndarray, temperature: float = 1.0) -> Arrays:
+        """Push latents through the fixed-iteration inverse."""
+
+    @abstractmethod
+    def density(self, x: np.ndarray, probes: np.ndarray | None = None) -> Arrays:
+        """Map data to latents with log-likelihood and bits/dim."""
+
+    def close(self) -> None:
+        """Release sessions, engines and device memory."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
