@@ -1,0 +1,199 @@
+"""Datasets available offline (DESIGN 6): scikit-learn digits, toy 2D densities, local image files.
+
+Image datasets are returned as integer levels ``(N, C, H, W)`` in ``{0..K-1}`` (``uint8`` or
+``int64``); dequantisation happens in the likelihood pipeline. Toy data are float points in R^2.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput
+
+DIGITS_LEVELS = 17
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+TOY_DENSITIES = ("moons", "8gaussians", "checkerboard", "pinwheel", "2spirals")
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as ``(train, test)`` levels ``(N, 1, 8, 8)`` int64, a fixed seeded split."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.int64)[:, None]  # values 0..16
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    n_test = int(round(TEST_FRACTION * len(images)))
+    return images[order[n_test:]], images[order[:n_test]]
+
+
+def toy_density(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points from a named 2D toy density, float32 ``(n, 2)``."""
+    rng = np.random.default_rng(seed)
+    if name == "moons":
+        from sklearn.datasets import make_moons
+
+        x, _ = make_moons(n, noise=0.05, random_state=seed)
+        x = (x - np.array([0.5, 0.25])) * 2.0
+    elif name == "8gaussians":
+        centers = np.array([(np.cos(a), np.sin(a)) for a in np.arange(8) * np.pi / 4]) * 2.0
+        x = centers[rng.integers(0, 8, n)] + 0.1 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2 - 2 + np.floor(x1) % 2
+        x = np.stack([x1, x2], 1)
+    elif name == "pinwheel":
+        arms, per = 5, np.ceil(n / 5).astype(int)
+        radial = rng.normal(1.0, 0.3, (arms * per,))
+        tangential = rng.normal(0.0, 0.05, (arms * per,))
+        labels = np.repeat(np.arange(arms), per)
+        angles = labels * 2 * np.pi / arms + 0.25 * np.exp(radial)
+        x = (
+            np.stack(
+                [
+                    radial * np.cos(angles) - tangential * np.sin(angles),
+                    radial * np.sin(angles) + tangential * np.cos(angles),
+                ],
+                1,
+            )[:n]
+            * 1.5
+        )
+        x = x[rng.permutation(n)]
+    elif name == "2spirals":
+        t = np.sqrt(rng.uniform(0, 1, n)) * 540 * (2 * np.pi) / 360
+        sign = rng.integers(0, 2, n) * 2 - 1
+        x = sign[:, None] * np.stack([-np.cos(t) * t, np.sin(t) * t], 1) / 3 + 0.1 * rng.standard_normal(
+            (n, 2)
+        )
+    else:
+        raise BadInput(f"unknown toy density {name!r}; choose one of {', '.join(TOY_DENSITIES)}")
+    return x.astype(np.float32)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), optionally gzipped."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise BadInput(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise BadInput(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def read_png_folder(path: str | Path) -> np.ndarray:
+    """All PNGs of a folder (sorted by name) as ``(N, C, H, W)`` uint8 levels."""
+    from PIL import Image
+
+    files = sorted(Path(path).glob("*.png"))
+    if not files:
+        raise BadInput(f"{path} holds no .png files")
+    images = [np.asarray(Image.open(f)) for f in files]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise BadInput(f"{path} holds PNGs of different shapes: {sorted(shapes)}")
+    stack = np.stack(images)
+    return stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2)
+
+
+def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
+    """Load ``.npy``, ``.npz`` (first array or ``key``), IDX (``-idx*-ubyte[.gz]``) or a PNG folder."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path} does not exist")
+    if path.is_dir():
+        return read_png_folder(path)
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = archive.files
+                if not names:
+                    raise BadInput(f"{path} holds no arrays")
+                name = key or ("x" if "x" in names else names[0])
+                if name not in names:
+                    raise BadInput(f"{path} has no array {name!r}; it has {', '.join(names)}")
+                return archive[name]
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput(
+            f"{path} cannot be read as {path.suffix} ({exc.__class__.__name__}); is it corrupt?"
+        ) from None
+    if "idx" in path.name:
+        return read_idx(path)
+    raise BadInput(f"{path}: unsupported data format; use .npy, .npz, an IDX file or a folder of PNGs")
+
+
+def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
+    """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``."""
+    if (
+        array.ndim == len(data_shape)
+        and tuple(array.shape[1:]) == tuple(data_shape[1:])
+        and data_shape[0] == 1
+    ):
+        array = array[:, None]
+    if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
+        raise BadInput(
+            f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})"
+        )
+    if not np.all(np.isfinite(array)):
+        raise BadInput("data contain NaN or infinite values")
+    if np.any(array != np.round(array)) or array.min() < 0 or array.max() > n_levels - 1:
+        raise BadInput(
+            f"image data must be integer levels in [0, {n_levels - 1}] (the dataset's native levels)"
+        )
+    return array.astype(np.int64)
+
+
+def as_points(array: np.ndarray, data_shape: tuple[int, ...]) -> np.ndarray:
+    """Validate toy data as finite float points ``(N, *data_shape)``."""
+    if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
+        raise BadInput(
+            f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})"
+        )
+    if not np.all(np.isfinite(array)):
+        raise BadInput("data contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def training_data(config: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` for a preset config: digits, a toy density, or local files (``config['data_path']``)."""
+    name = config["data"]
+    if name == "digits":
+        return digits_split()
+    if name in TOY_DENSITIES:
+        n_train = int(config.get("train", {}).get("train_size", 20000))
+        return toy_density(name, n_train, seed=seed), toy_density(name, 5000, seed=seed + 10_000)
+    path = config.get("data_path")
+    if not path:
+        raise BadInput(
+            f"preset data {name!r} is read from local files: pass --data PATH (.npz with x_train/x_test, IDX)"
+        )
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "x_train" in archive.files and "x_test" in archive.files:
+                train, test = archive["x_train"], archive["x_test"]
+            else:
+                train = test = None
+        if train is None:
+            whole = load_array(path)
+            n_test = max(1, int(len(whole) * TEST_FRACTION))
+            train, test = whole[n_test:], whole[:n_test]
+    else:
+        whole = load_array(path)
+        n_test = max(1, int(len(whole) * TEST_FRACTION))
+        train, test = whole[n_test:], whole[:n_test]
+    shape = tuple(config["data_shape"])
+    if train.ndim == 4 and train.shape[-1] == shape[0] and train.shape[1] != shape[0]:
+        train, test = train.transpose(0, 3, 1, 2), test.transpose(0, 3, 1, 2)
+    levels = int(config["n_levels"])
+    return as_levels(train, shape, levels), as_levels(test, shape, levels)

@@ -1,0 +1,182 @@
+r"""Residual flow steps ``y = x + g(x)`` with ``Lip(g) < 1`` (DESIGN 1, 2).
+
+The log-determinant ``log det(I + J_g)`` comes in three forms:
+
+* ``exact``: ``J`` from ``D`` hand-written JVPs, then an unrolled LU without pivoting. Every
+  pivot is at least ``1 - L`` because all leading principal submatrices of ``J`` have norm
+  ``<= L < 1``, so no pivoting is needed and no ``Det`` op appears in exported graphs.
+* ``series``: ``K`` terms of ``sum_k (-1)^(k+1) v^T J^k v / k`` with Rademacher probes ``v``
+  given as inputs; the per-probe truncation error is at most ``D L^(K+1) / ((K+1)(1-L))``.
+* ``roulette``: the training estimator, an unbiased Russian-roulette series whose value is
+  the log-det estimate and whose gradient is the Neumann-series gradient (Chen et al. 2019).
+
+The inverse is a fixed number of Banach iterations ``x <- y - g(x)`` from ``x0 = y``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Branch, Tensor
+
+
+@dataclass
+class LogdetSpec:
+    """How residual steps compute their log-determinant."""
+
+    mode: str = "exact"  # exact | series | roulette
+    terms: int = 8  # series: number of terms K
+    probes: Tensor | None = None  # series: (B, P, D) Rademacher probes
+    n_exact_terms: int = 2  # roulette: terms always included
+    poisson_lambda: float = 2.0  # roulette: extra terms ~ Poisson(lambda)
+    max_terms: int = 24  # roulette: hard cap, keeps a batch's cost bounded
+
+
+def lu_logdet(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``log det`` and the smallest pivot of each ``(D, D)`` matrix by an unrolled LU without pivoting."""
+    dim = a.shape[-1]
+    logdet = a.new_zeros(a.shape[0])
+    pivots = []
+    for k in range(dim):
+        pivot = a[:, 0, 0]
+        pivots.append(pivot)
+        logdet = logdet + torch.log(pivot)
+        if k < dim - 1:
+            a = a[:, 1:, 1:] - a[:, 1:, :1] * (a[:, :1, 1:] / pivot[:, None, None])
+    return logdet, torch.stack(pivots, 1).min(1).values
+
+
+def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)`` from one batched JVP over the basis."""
+    b, shape = x.shape[0], x.shape[1:]
+    dim = math.prod(shape)
+    x_rep = x.unsqueeze(1).expand(b, dim, *shape).reshape(b * dim, *shape)
+    basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(1, dim, *shape)
+    basis = basis.expand(b, dim, *shape).reshape(b * dim, *shape)
+    gx_rep, columns = g.jvp(x_rep, basis)
+    gx = gx_rep.reshape(b, dim, *shape)[:, 0]
+    return gx, columns.reshape(b, dim, dim)
+
+
+def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g(x), log det(I + J), smallest LU pivot)``."""
+    gx, jt = jacobian_transpose(g, x)
+    eye = torch.eye(jt.shape[-1], dtype=x.dtype, device=x.device)
+    logdet, min_pivot = lu_logdet(eye + jt)
+    return gx, logdet, min_pivot
+
+
+def series_logdet(g: Branch, x: Tensor, probes: Tensor, terms: int) -> tuple[Tensor, Tensor]:
+    """``(g(x), log-det estimate)`` from ``terms`` series terms averaged over the probes ``(B, P, D)``."""
+    b, n_probes, shape = x.shape[0], probes.shape[1], x.shape[1:]
+    x_rep = x.unsqueeze(1).expand(b, n_probes, *shape).reshape(b * n_probes, *shape)
+    v = probes.reshape(b * n_probes, *shape)
+    w = v
+    total = x.new_zeros(b * n_probes)
+    gx_rep = x_rep
+    for k in range(1, terms + 1):
+        gx_rep, w = g.jvp(x_rep, w)
+        total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
+    gx = gx_rep.reshape(b, n_probes, *shape)[:, 0]
+    return gx, total.reshape(b, n_probes).mean(1)
+
+
+def series_truncation_bound(dim: int, lipschitz: float, terms: int) -> float:
+    """Per-probe bound on the truncation error of ``terms`` series terms (``||v||^2 = D``)."""
+    return dim * lipschitz ** (terms + 1) / ((terms + 1) * (1 - lipschitz))
+
+
+def _poisson_tail(k: int, lam: float) -> float:
+    """``P(N >= k)`` for ``N ~ Poisson(lam)``."""
+    if k <= 0:
+        return 1.0
+    return 1.0 - sum(math.exp(-lam) * lam**i / math.factorial(i) for i in range(k))
+
+
+def roulette_logdet(g: Branch, x: Tensor, spec: LogdetSpec) -> tuple[Tensor, Tensor]:
+    """Training estimator: value is an unbiased log-det estimate, gradient is the Neumann gradient.
+
+    Returns ``(g(x), logdet)`` where ``logdet = surrogate + (estimate - surrogate).detach()``.
+    """
+    if not x.requires_grad:
+        x = x.requires_grad_(True)
+    gx = g(x)
+    b = x.shape[0]
+    extra = torch.poisson(torch.full((b,), spec.poisson_lambda, device=x.device)).long()
+    n_terms = min(spec.n_exact_terms + int(extra.max()), spec.max_terms)
+    v = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+    vjp, neumann = v, v
+    estimate = x.new_zeros(b)
+    for k in range(1, n_terms + 1):
+        k_rand = k - spec.n_exact_terms
+        weight = (
+            (extra >= k_rand).to(x.dtype) / _poisson_tail(k_rand, spec.poisson_lambda) if k_rand > 0 else 1.0
+        )
+        vjp = torch.autograd.grad(gx, x, vjp, retain_graph=True)[0]
+        if isinstance(weight, Tensor):
+            weight = weight.view(b, *([1] * (x.dim() - 1)))
+        estimate = estimate + ((-1) ** (k + 1) / k) * (weight * vjp * v).flatten(1).sum(1).detach()
+        neumann = neumann + ((-1) ** k) * weight * vjp.detach()
+    vjp_jac = torch.autograd.grad(gx, x, neumann.detach(), create_graph=True)[0]
+    surrogate = (vjp_jac * v).flatten(1).sum(1)
+    return gx, surrogate + (estimate - surrogate).detach()
+
+
+class ResidualBlock(nn.Module):
+    """``y = x + g(x)``: the i-ResBlock of a Residual Flow and the standalone ACF layer."""
+
+    def __init__(self, g: Branch, kind: str):
+        super().__init__()
+        self.g = g
+        self.kind = kind
+
+    def lipschitz(self) -> float:
+        return self.g.lipschitz()
+
+    @property
+    def guarantee(self) -> str:
+        return self.g.guarantee
+
+    def forward(self, x: Tensor, spec: LogdetSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Return ``(y, logdet, min_pivot)``; ``min_pivot`` only in exact mode."""
+        if spec.mode == "exact":
+            gx, logdet, min_pivot = exact_logdet(self.g, x)
+            return x + gx, logdet, min_pivot
+        if spec.mode == "series":
+            if spec.probes is None:
+                raise ValueError("series log-det needs probes")
+            gx, logdet = series_logdet(self.g, x, spec.probes, spec.terms)
+            return x + gx, logdet, None
+        if spec.mode == "roulette":
+            gx, logdet = roulette_logdet(self.g, x, spec)
+            return x + gx, logdet, None
+        if spec.mode == "none":
+            return x + self.g(x), x.new_zeros(x.shape[0]), None
+        raise ValueError(f"unknown log-det mode {spec.mode!r}")
+
+    def inverse_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One Banach iteration ``x <- y - g(x)`` and the per-sample step size ``||x_new - x||``."""
+        x_new = y - self.g(x)
+        return x_new, (x_new - x).flatten(1).norm(dim=1)
+
+    def inverse(self, y: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
+        """``n_iter`` fixed-point iterations from ``x0 = y``; returns ``(x, last step size)``."""
+        x, step = y, y.new_zeros(y.shape[0])
+        for _ in range(n_iter):
+            x, step = self.inverse_step(x, y)
+        return x, step
+
+    def bake(self) -> None:
+        self.g.bake()
+
+
+def iterations_for(lipschitz: float, r0: float, tol: float) -> int:
+    """Smallest ``n`` with ``L^n / (1 - L) * r0 <= tol`` (certified fixed-point count)."""
+    if r0 <= 0:
+        return 1
+    need = math.log(tol * (1 - lipschitz) / r0) / math.log(lipschitz)
+    return max(1, math.ceil(need))

@@ -1,0 +1,140 @@
+r"""The flow: data space ``[0, 1]^D`` (or ``R^2``) to a standard normal latent (DESIGN 1.4).
+
+``log p(x) = log N(z; 0, I) + sum_layers log|det|`` including the logit preprocessing term; the
+data-space density is on ``[0, 1]^D`` and bits/dim refer to the discrete levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Tensor
+from .blocks import LogdetSpec, ResidualBlock
+from .layers import ActNorm, LogitTransform, Squeeze, bits_per_dim
+
+
+@dataclass
+class FlowOutput:
+    z: Tensor  # (B, D)
+    logdet: Tensor  # (B,) sum of all layers' log|det|
+    log_prob: Tensor  # (B,) data-space log-density
+    min_pivot: Tensor | None  # (B,) smallest LU pivot over blocks (exact mode)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    return -0.5 * (z * z).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+class Flow(nn.Module):
+    """A sequence of invertible layers and residual steps with a standard normal prior."""
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        data_shape: Sequence[int],
+        n_levels: int | None,
+        logit_alpha: float | None,
+    ):
+        super().__init__()
+        self.data_shape = tuple(data_shape)
+        self.dim = math.prod(self.data_shape)
+        self.n_levels = n_levels
+        self.preprocess = LogitTransform(logit_alpha) if logit_alpha is not None else None
+        self.layers = nn.ModuleList(layers)
+
+    # ------------------------------------------------------------------ structure
+    def residual_blocks(self) -> list[ResidualBlock]:
+        return [layer for layer in self.layers if isinstance(layer, ResidualBlock)]
+
+    def block_names(self) -> list[str]:
+        return [f"layers.{i}" for i, layer in enumerate(self.layers) if isinstance(layer, ResidualBlock)]
+
+    def bake(self) -> Flow:
+        """Freeze every layer for export and certification; returns ``self`` in eval mode."""
+        self.eval()
+        for layer in self.layers:
+            layer.bake()
+        return self
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent initialisation of every ActNorm, layer by layer."""
+        h = self.preprocess(x)[0] if self.preprocess is not None else x
+        for layer in self.layers:
+            if isinstance(layer, ActNorm):
+                layer.initialize(h)
+            h = self._apply_layer(layer, h, LogdetSpec(mode="none"))[0]
+
+    # ------------------------------------------------------------------ density
+    @staticmethod
+    def _apply_layer(layer: nn.Module, h: Tensor, spec: LogdetSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+        if isinstance(layer, ResidualBlock):
+            return layer(h, spec)
+        y, logdet = layer(h)
+        return y, logdet, None
+
+    def forward(self, x: Tensor, spec: LogdetSpec | None = None) -> FlowOutput:
+        spec = spec or LogdetSpec()
+        h = x
+        logdet = x.new_zeros(x.shape[0])
+        if self.preprocess is not None:
+            h, ld = self.preprocess(h)
+            logdet = logdet + ld
+        min_pivot = None
+        for layer in self.layers:
+            h, ld, pivot = self._apply_layer(layer, h, spec)
+            logdet = logdet + ld
+            if pivot is not None:
+                min_pivot = pivot if min_pivot is None else torch.minimum(min_pivot, pivot)
+        z = h.flatten(1)
+        return FlowOutput(
+            z=z, logdet=logdet, log_prob=standard_normal_log_prob(z) + logdet, min_pivot=min_pivot
+        )
+
+    def log_prob(self, x: Tensor, spec: LogdetSpec | None = None) -> Tensor:
+        return self.forward(x, spec).log_prob
+
+    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
+        return bits_per_dim(log_prob, self.dim, self.n_levels)
+
+    # ------------------------------------------------------------------ sampling
+    def inverse(self, z: Tensor, n_iters: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Latents ``(B, D)`` to data with fixed iteration counts per residual block.
+
+        Returns ``(x, residual)`` where ``residual`` is each sample's largest final fixed-point
+        step over all blocks (a convergence and NaN flag).
+        """
+        blocks = self.residual_blocks()
+        counts = [n_iters] * len(blocks) if isinstance(n_iters, int) else list(n_iters)
+        if len(counts) != len(blocks):
+            raise ValueError(f"expected {len(blocks)} iteration counts, got {len(counts)}")
+        h = z.reshape(z.shape[0], *self._latent_shape())
+        residual = z.new_zeros(z.shape[0])
+        block_index = len(blocks)
+        for layer in reversed(self.layers):
+            if isinstance(layer, ResidualBlock):
+                block_index -= 1
+                h, step = layer.inverse(h, counts[block_index])
+                residual = torch.maximum(residual, step)
+            else:
+                h = layer.inverse(h)
+        if self.preprocess is not None:
+            h = self.preprocess.inverse(h)
+        return h, residual
+
+    def sample(
+        self, z: Tensor, n_iters: int | Sequence[int], temperature: float | Tensor = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        return self.inverse(z * temperature, n_iters)
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        shape = self.data_shape
+        for layer in self.layers:
+            if isinstance(layer, Squeeze):
+                shape = layer.output_shape(shape)
+        return shape
