@@ -60,7 +60,9 @@ class Artifact:
             raise BadInput(f"{path} is missing; re-export the artifact")
         actual = sha256_file(path)
         if actual != expected:
-            raise BadInput(f"{path} does not match the sha256 in its manifest (tampered or truncated); re-export")
+            raise BadInput(
+                f"{path} does not match the sha256 in its manifest (tampered or truncated); re-export"
+            )
         return path
 
 

@@ -37,9 +37,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def save_checkpoint(
-    flow: Flow, config: dict[str, Any], directory: str | Path, metrics: dict | None = None
-) -> Path:
+def save_checkpoint(flow: Flow, config: dict[str, Any], directory: str | Path, metrics: dict | None = None) -> Path:
     """Write weights then metadata (each atomically); the metadata names the weights' format."""
     weights, meta = _paths(directory)
     save_tensors(flow.state_dict(), weights)
@@ -72,9 +70,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"{meta_path} is not valid JSON (corrupt or truncated checkpoint)") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise BadInput(
-            f"{meta_path} has checkpoint format version {found!r}; this acf-deploy reads {FORMAT_VERSION}"
-        )
+        raise BadInput(f"{meta_path} has checkpoint format version {found!r}; this acf-deploy reads {FORMAT_VERSION}")
     preset = meta.get("preset")
     if preset not in PRESETS:
         raise BadInput(f"{meta_path} names unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -89,9 +85,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BadInput(
-            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:80]})"
-        ) from None
+        raise BadInput(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:80]})") from None
 
 
 def load_state(flow: Flow, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -65,9 +65,7 @@ def toy_density(name: str, n: int, seed: int = 0) -> np.ndarray:
     elif name == "2spirals":
         t = np.sqrt(rng.uniform(0, 1, n)) * 540 * (2 * np.pi) / 360
         sign = rng.integers(0, 2, n) * 2 - 1
-        x = sign[:, None] * np.stack([-np.cos(t) * t, np.sin(t) * t], 1) / 3 + 0.1 * rng.standard_normal(
-            (n, 2)
-        )
+        x = sign[:, None] * np.stack([-np.cos(t) * t, np.sin(t) * t], 1) / 3 + 0.1 * rng.standard_normal((n, 2))
     else:
         raise BadInput(f"unknown toy density {name!r}; choose one of {', '.join(TOY_DENSITIES)}")
     return x.astype(np.float32)
@@ -124,9 +122,7 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
                     raise BadInput(f"{path} has no array {name!r}; it has {', '.join(names)}")
                 return archive[name]
     except (ValueError, OSError, EOFError) as exc:
-        raise BadInput(
-            f"{path} cannot be read as {path.suffix} ({exc.__class__.__name__}); is it corrupt?"
-        ) from None
+        raise BadInput(f"{path} cannot be read as {path.suffix} ({exc.__class__.__name__}); is it corrupt?") from None
     if "idx" in path.name:
         return read_idx(path)
     raise BadInput(f"{path}: unsupported data format; use .npy, .npz, an IDX file or a folder of PNGs")
@@ -134,31 +130,21 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
 
 def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
     """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``."""
-    if (
-        array.ndim == len(data_shape)
-        and tuple(array.shape[1:]) == tuple(data_shape[1:])
-        and data_shape[0] == 1
-    ):
+    if array.ndim == len(data_shape) and tuple(array.shape[1:]) == tuple(data_shape[1:]) and data_shape[0] == 1:
         array = array[:, None]
     if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
-        raise BadInput(
-            f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})"
-        )
+        raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
     if not np.all(np.isfinite(array)):
         raise BadInput("data contain NaN or infinite values")
     if np.any(array != np.round(array)) or array.min() < 0 or array.max() > n_levels - 1:
-        raise BadInput(
-            f"image data must be integer levels in [0, {n_levels - 1}] (the dataset's native levels)"
-        )
+        raise BadInput(f"image data must be integer levels in [0, {n_levels - 1}] (the dataset's native levels)")
     return array.astype(np.int64)
 
 
 def as_points(array: np.ndarray, data_shape: tuple[int, ...]) -> np.ndarray:
     """Validate toy data as finite float points ``(N, *data_shape)``."""
     if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
-        raise BadInput(
-            f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})"
-        )
+        raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
     if not np.all(np.isfinite(array)):
         raise BadInput("data contain NaN or infinite values")
     return array.astype(np.float32)

@@ -32,9 +32,7 @@ def save_grid(images: np.ndarray, target: str | Path, scale: int = 4, pad: int =
     return target
 
 
-def save_density_plot(
-    log_density: np.ndarray, extent: float, samples: np.ndarray | None, target: str | Path
-) -> Path:
+def save_density_plot(log_density: np.ndarray, extent: float, samples: np.ndarray | None, target: str | Path) -> Path:
     """Heat map of a 2D density on ``[-extent, extent]^2`` with optional samples, as a PNG."""
     import matplotlib
 
@@ -43,9 +41,7 @@ def save_density_plot(
 
     fig, axes = plt.subplots(1, 2 if samples is not None else 1, figsize=(8 if samples is not None else 4, 4))
     axes = np.atleast_1d(axes)
-    axes[0].imshow(
-        np.exp(log_density), origin="lower", extent=(-extent, extent, -extent, extent), cmap="magma"
-    )
+    axes[0].imshow(np.exp(log_density), origin="lower", extent=(-extent, extent, -extent, extent), cmap="magma")
     axes[0].set_title("model density")
     if samples is not None:
         axes[1].scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)

@@ -30,9 +30,7 @@ STATE_WEIGHTS = "train_state.safetensors"
 STATE_META = "train_state.json"
 
 
-def to_model_space(
-    batch: np.ndarray, config: dict[str, Any], generator: torch.Generator | None, mid: bool = False
-):
+def to_model_space(batch: np.ndarray, config: dict[str, Any], generator: torch.Generator | None, mid: bool = False):
     """Levels to dequantised ``[0, 1]`` data for images; float points unchanged for the toy."""
     tensor = torch.as_tensor(batch)
     if config["n_levels"]:
@@ -63,9 +61,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, state["param_groups"]
 
 
-def _restore_optimizer(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
-) -> None:
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -75,9 +71,7 @@ def _restore_optimizer(
 
 
 @torch.no_grad()
-def evaluate_bpd(
-    flow: Flow, data: np.ndarray, config: dict[str, Any], batch_size: int = 128, seed: int = 0
-) -> float:
+def evaluate_bpd(flow: Flow, data: np.ndarray, config: dict[str, Any], batch_size: int = 128, seed: int = 0) -> float:
     """Held-out bits/dim (images) or mean negative log-likelihood in nats (toy), exact log-det."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -116,9 +110,7 @@ def train(
         if meta["config"] != config:
             raise BadInput(f"--resume: {out_dir} was trained with a different config; use a new --out")
         tensors = read_tensors(out_dir / STATE_WEIGHTS)
-        load_state(
-            flow, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out_dir / STATE_WEIGHTS
-        )
+        load_state(flow, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out_dir / STATE_WEIGHTS)
         _restore_optimizer(opt, tensors, meta["param_groups"])
         ema = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
         start_epoch, history, elapsed = meta["epoch"] + 1, meta["history"], meta["seconds"]
@@ -139,9 +131,7 @@ def train(
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = hp["lr"] * min(1.0, (step + 1) / hp["warmup_steps"])
-            x = to_model_space(
-                train_data[order[i * hp["batch_size"] : (i + 1) * hp["batch_size"]]], config, generator
-            )
+            x = to_model_space(train_data[order[i * hp["batch_size"] : (i + 1) * hp["batch_size"]]], config, generator)
             out = flow(x, spec)
             estimate = flow.bits_per_dim(out.log_prob) if config["n_levels"] else -out.log_prob
             loss = estimate.mean()

@@ -113,9 +113,7 @@ def roulette_logdet(g: Branch, x: Tensor, spec: LogdetSpec) -> tuple[Tensor, Ten
     estimate = x.new_zeros(b)
     for k in range(1, n_terms + 1):
         k_rand = k - spec.n_exact_terms
-        weight = (
-            (extra >= k_rand).to(x.dtype) / _poisson_tail(k_rand, spec.poisson_lambda) if k_rand > 0 else 1.0
-        )
+        weight = (extra >= k_rand).to(x.dtype) / _poisson_tail(k_rand, spec.poisson_lambda) if k_rand > 0 else 1.0
         vjp = torch.autograd.grad(gx, x, vjp, retain_graph=True)[0]
         if isinstance(weight, Tensor):
             weight = weight.view(b, *([1] * (x.dim() - 1)))

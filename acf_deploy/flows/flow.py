@@ -92,9 +92,7 @@ class Flow(nn.Module):
             if pivot is not None:
                 min_pivot = pivot if min_pivot is None else torch.minimum(min_pivot, pivot)
         z = h.flatten(1)
-        return FlowOutput(
-            z=z, logdet=logdet, log_prob=standard_normal_log_prob(z) + logdet, min_pivot=min_pivot
-        )
+        return FlowOutput(z=z, logdet=logdet, log_prob=standard_normal_log_prob(z) + logdet, min_pivot=min_pivot)
 
     def log_prob(self, x: Tensor, spec: LogdetSpec | None = None) -> Tensor:
         return self.forward(x, spec).log_prob

@@ -163,9 +163,7 @@ class AffineCoupling(Transform):
         return torch.cat([ya, yb / scale - shift], 1)
 
 
-def dequantize(
-    levels: Tensor, n_levels: int, generator: torch.Generator | None = None, mid: bool = False
-) -> Tensor:
+def dequantize(levels: Tensor, n_levels: int, generator: torch.Generator | None = None, mid: bool = False) -> Tensor:
     """Map integer levels ``v in {0..K-1}`` to ``x = (v + u) / K`` with ``u ~ U[0, 1)`` (or 0.5 with ``mid``)."""
     levels = levels.to(torch.get_default_dtype()) if not levels.is_floating_point() else levels
     if mid:
