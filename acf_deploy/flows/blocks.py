@@ -50,6 +50,25 @@ def lu_logdet(a: Tensor) -> tuple[Tensor, Tensor]:
     return logdet, torch.stack(pivots, 1).min(1).values
 
 
+class _LuLogdetOp(torch.autograd.Function):
+    """Marks the LU as one ``acf::LuLogdet`` node while exporting; the exporter expands it into a ``Loop``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, dim: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return lu_logdet(a)
+
+    @staticmethod
+    def symbolic(g, a, dim):  # type: ignore[no-untyped-def]
+        return g.op("acf::LuLogdet", a, dim_i=dim, outputs=2)
+
+
+def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`lu_logdet`, exported as a single loop instead of ``D`` unrolled elimination steps."""
+    if torch.onnx.is_in_onnx_export():
+        return _LuLogdetOp.apply(a, a.shape[-1])
+    return lu_logdet(a)
+
+
 def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)`` from one batched JVP over the basis."""
     b, shape = x.shape[0], x.shape[1:]
@@ -66,7 +85,7 @@ def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(g(x), log det(I + J), smallest LU pivot)``."""
     gx, jt = jacobian_transpose(g, x)
     eye = torch.eye(jt.shape[-1], dtype=x.dtype, device=x.device)
-    logdet, min_pivot = lu_logdet(eye + jt)
+    logdet, min_pivot = lu_logdet_graph(eye + jt)
     return gx, logdet, min_pivot
 
 

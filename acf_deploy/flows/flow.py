@@ -78,7 +78,8 @@ class Flow(nn.Module):
         y, logdet = layer(h)
         return y, logdet, None
 
-    def forward(self, x: Tensor, spec: LogdetSpec | None = None) -> FlowOutput:
+    def forward(self, x: Tensor, spec: LogdetSpec | None = None, trace: list[Tensor] | None = None) -> FlowOutput:
+        """Data to latents with the log-det of ``spec``; ``trace`` collects each residual block's output."""
         spec = spec or LogdetSpec()
         h = x
         logdet = x.new_zeros(x.shape[0])
@@ -89,6 +90,8 @@ class Flow(nn.Module):
         for layer in self.layers:
             h, ld, pivot = self._apply_layer(layer, h, spec)
             logdet = logdet + ld
+            if trace is not None and isinstance(layer, ResidualBlock):
+                trace.append(h)
             if pivot is not None:
                 min_pivot = pivot if min_pivot is None else torch.minimum(min_pivot, pivot)
         z = h.flatten(1)

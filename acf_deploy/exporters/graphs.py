@@ -1,0 +1,344 @@
+"""The two exported computations as modules, and their ONNX graphs (DESIGN 2, 3).
+
+``DensityGraph`` and ``SampleGraph`` are what gets traced; the torch reference backend runs the
+very same modules eagerly, so reference and export share one code path. The sampling graph
+comes in two forms: ``unroll`` traces the fixed-point iterations as straight-line code, ``loop``
+traces one Banach step per block and wraps it in an ONNX ``Loop`` whose trip count is a constant
+initializer and whose loop-carried values keep their shapes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from ..flows.blocks import LogdetSpec, ResidualBlock
+from ..flows.flow import Flow
+
+Tensor = torch.Tensor
+BATCH = "batch"
+
+
+class DensityGraph(nn.Module):
+    """``x[, probes] -> z, log_prob, bits_per_dim[, min_pivot]`` plus traced block outputs when asked."""
+
+    def __init__(self, flow: Flow, mode: str, terms: int = 0, with_trace: bool = False):
+        super().__init__()
+        self.flow, self.mode, self.terms, self.with_trace = flow, mode, terms, with_trace
+
+    def forward(self, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, ...]:
+        trace: list[Tensor] | None = [] if self.with_trace else None
+        out = self.flow(x, LogdetSpec(mode=self.mode, terms=self.terms, probes=probes), trace=trace)
+        outputs = [out.z, out.log_prob, self.flow.bits_per_dim(out.log_prob)]
+        if self.mode == "exact":
+            pivot = out.min_pivot if out.min_pivot is not None else torch.ones_like(out.log_prob)
+            outputs.append(pivot)
+        return tuple(outputs + (trace or []))
+
+
+class SampleGraph(nn.Module):
+    """``z, temperature -> x, residual`` with the fixed-point iterations unrolled."""
+
+    def __init__(self, flow: Flow, n_iters: Sequence[int]):
+        super().__init__()
+        self.flow, self.n_iters = flow, list(n_iters)
+
+    def forward(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.sample(z, self.n_iters, temperature)
+
+
+def density_io(mode: str, n_blocks_traced: int = 0) -> tuple[list[str], list[str]]:
+    inputs = ["x", "probes"] if mode == "series" else ["x"]
+    outputs = ["z", "log_prob", "bits_per_dim"] + (["min_pivot"] if mode == "exact" else [])
+    return inputs, outputs + [f"trace_{i}" for i in range(n_blocks_traced)]
+
+
+def _export(
+    module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], batched: dict, opset: int
+) -> onnx.ModelProto:
+    """Trace ``module`` to ONNX (TorchScript exporter: fast, plain graphs, named dynamic axes)."""
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=batched,
+            opset_version=opset,
+            do_constant_folding=True,
+            custom_opsets={"acf": 1},
+        )
+    return expand_lu_nodes(onnx.load_from_string(buffer.getvalue()))
+
+
+def _lu_body(prefix: str, dim: int, dtype: int) -> onnx.GraphProto:
+    """One elimination step ``k``: ``a -= (a[:, :, k] * [i > k] / a[:, k, k]) outer a[:, k, :]``."""
+    p = prefix
+    nodes = [
+        helper.make_node("Gather", [f"{p}a_in", f"{p}k"], [f"{p}row"], axis=1),  # (B, D)
+        helper.make_node("Gather", [f"{p}a_in", f"{p}k"], [f"{p}col"], axis=2),  # (B, D)
+        helper.make_node("Gather", [f"{p}row", f"{p}k"], [f"{p}pivot"], axis=1),  # (B,)
+        helper.make_node("Greater", [f"{p}range", f"{p}k"], [f"{p}below"]),
+        helper.make_node("Cast", [f"{p}below"], [f"{p}mask"], to=dtype),
+        helper.make_node("Unsqueeze", [f"{p}pivot", f"{p}axis1"], [f"{p}pivot2"]),
+        helper.make_node("Div", [f"{p}col", f"{p}pivot2"], [f"{p}ratio"]),
+        helper.make_node("Mul", [f"{p}ratio", f"{p}mask"], [f"{p}factor"]),
+        helper.make_node("Unsqueeze", [f"{p}factor", f"{p}axis2"], [f"{p}factor3"]),
+        helper.make_node("Unsqueeze", [f"{p}row", f"{p}axis1"], [f"{p}row3"]),
+        helper.make_node("Mul", [f"{p}factor3", f"{p}row3"], [f"{p}update"]),
+        helper.make_node("Sub", [f"{p}a_in", f"{p}update"], [f"{p}a_out"]),
+        helper.make_node("Identity", [f"{p}cond_in"], [f"{p}cond_out"]),
+    ]
+    inits = [
+        helper.make_tensor(f"{p}range", TensorProto.INT64, [dim], list(range(dim))),
+        helper.make_tensor(f"{p}axis1", TensorProto.INT64, [1], [1]),
+        helper.make_tensor(f"{p}axis2", TensorProto.INT64, [1], [2]),
+    ]
+    square = [BATCH, dim, dim]
+    return helper.make_graph(
+        nodes,
+        f"{p}body",
+        [
+            helper.make_tensor_value_info(f"{p}k", TensorProto.INT64, []),
+            helper.make_tensor_value_info(f"{p}cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(f"{p}a_in", dtype, square),
+        ],
+        [
+            helper.make_tensor_value_info(f"{p}cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(f"{p}a_out", dtype, square),
+        ],
+        initializer=inits,
+    )
+
+
+def expand_lu_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every ``acf::LuLogdet`` node by a ``Loop`` of ``D`` elimination steps and a diagonal read-out."""
+    graph = model.graph
+    nodes: list = []
+    for index, node in enumerate(graph.node):
+        if not (node.domain == "acf" and node.op_type == "LuLogdet"):
+            nodes.append(node)
+            continue
+        dim = next(attr.i for attr in node.attribute if attr.name == "dim")
+        dtype = TensorProto.FLOAT
+        p = f"lu{index}/"
+        trip = f"{p}trip"
+        graph.initializer.extend(
+            [
+                helper.make_tensor(trip, TensorProto.INT64, [], [dim]),
+                helper.make_tensor(f"{p}eye", dtype, [dim, dim], torch.eye(dim).flatten().tolist()),
+                helper.make_tensor(f"{p}last", TensorProto.INT64, [1], [-1]),
+            ]
+        )
+        logdet, pivot = node.output
+        nodes += [
+            helper.make_node(
+                "Loop", [trip, "", node.input[0]], [f"{p}u"], body=_lu_body(p, dim, dtype), name=f"{p}loop"
+            ),
+            helper.make_node("Mul", [f"{p}u", f"{p}eye"], [f"{p}diag_full"]),
+            helper.make_node("ReduceSum", [f"{p}diag_full", f"{p}last"], [f"{p}diag"], keepdims=0),
+            helper.make_node("Log", [f"{p}diag"], [f"{p}logs"]),
+            helper.make_node("ReduceSum", [f"{p}logs", f"{p}last"], [logdet], keepdims=0),
+            helper.make_node("ReduceMin", [f"{p}diag"], [pivot], axes=[-1], keepdims=0),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [op for op in model.opset_import if op.domain != "acf"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
+
+
+def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Tensor, opset: int) -> onnx.ModelProto:
+    """Density graph; per-block outputs are traced too, then demoted to internal values named ``trace_i``."""
+    n_blocks = len(flow.residual_blocks())
+    module = DensityGraph(flow, mode, terms, with_trace=True)
+    inputs, outputs = density_io(mode, n_blocks)
+    args: tuple[Tensor, ...] = (example,)
+    if mode == "series":
+        args = (example, torch.ones(example.shape[0], n_probes, flow.dim, dtype=example.dtype))
+    model = _export(module, args, inputs, outputs, _axes(*inputs, *outputs), opset)
+    kept = [o for o in model.graph.output if not o.name.startswith("trace_")]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    return model
+
+
+def export_sample_unrolled(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
+    temperature = torch.ones(1, dtype=example_z.dtype)
+    axes = _axes("z", "x", "residual")
+    return _export(
+        SampleGraph(flow, n_iters), (example_z, temperature), ["z", "temperature"], ["x", "residual"], axes, opset
+    )
+
+
+# --------------------------------------------------------------------------- Loop form
+class _Fn(nn.Module):
+    """Wraps a function for tracing; ``owner`` registers the parameters it closes over."""
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], owner: nn.Module):
+        super().__init__()
+        self.fn, self.owner = fn, owner
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        return self.fn(*args)
+
+
+def _inline(nodes: list, inits: list, model: onnx.ModelProto, prefix: str, rename: dict[str, str]) -> None:
+    """Copy ``model``'s nodes and initializers into ``nodes``/``inits`` under ``prefix``.
+
+    ``rename`` maps the piece's input/output names to names in the enclosing graph.
+    """
+    graph = onnx.compose.add_prefix(model, prefix).graph
+    mapping = {prefix + k: v for k, v in rename.items()}
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+        nodes.append(node)
+    inits.extend(graph.initializer)
+
+
+def _loop_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int) -> onnx.GraphProto:
+    """Body ``(iter, cond, x, step) -> (cond, y - g(x), ||x_new - x||)``, reading ``y`` from the outer scope."""
+    nodes: list = []
+    inits: list = []
+    x_in, d_in = f"{prefix}x_in", f"{prefix}step_in"
+    x_out, d_out = f"{prefix}x_out", f"{prefix}step_out"
+    _inline(nodes, inits, step, prefix, {"x": x_in, "y": outer_y, "x_new": x_out, "step": d_out})
+    nodes.append(helper.make_node("Identity", [f"{prefix}cond_in"], [f"{prefix}cond_out"]))
+    return helper.make_graph(
+        nodes,
+        f"{prefix}body",
+        [
+            helper.make_tensor_value_info(f"{prefix}iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info(f"{prefix}cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(x_in, dtype, shape_x),
+            helper.make_tensor_value_info(d_in, dtype, [BATCH]),
+        ],
+        [
+            helper.make_tensor_value_info(f"{prefix}cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(x_out, dtype, shape_x),
+            helper.make_tensor_value_info(d_out, dtype, [BATCH]),
+        ],
+        initializer=inits,
+    )
+
+
+def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
+    """Sampling graph with one ONNX ``Loop`` per residual block, stitched from traced pieces."""
+    dtype = TensorProto.FLOAT
+    batch = example_z.shape[0]
+    nodes: list = []
+    inits: list = []
+    steps: list[str] = []
+    latent = flow._latent_shape()
+    counts = list(n_iters)
+
+    def head(z: Tensor, temperature: Tensor) -> tuple[Tensor]:
+        return ((z * temperature).reshape(z.shape[0], *latent),)
+
+    temperature = torch.ones(1, dtype=example_z.dtype)
+    piece = _export(_Fn(head, flow), (example_z, temperature), ["z", "temperature"], ["h"], _axes("z", "h"), opset)
+    current = "h0"
+    _inline(nodes, inits, piece, "head/", {"z": "z", "temperature": "temperature", "h": current})
+    h = torch.zeros(batch, *latent, dtype=example_z.dtype)
+    plain: list[nn.Module] = []
+
+    def flush(example: Tensor) -> Tensor:
+        """Export the pending non-residual inverses as one piece; returns the example pushed through it."""
+        nonlocal current
+        if not plain:
+            return example
+        layers = list(plain)
+
+        def run(x: Tensor) -> tuple[Tensor]:
+            for layer in layers:
+                x = layer.inverse(x)
+            return (x,)
+
+        out, prefix = f"seg{len(nodes)}_out", f"seg{len(nodes)}/"
+        piece = _export(_Fn(run, flow), (example,), ["h_in"], ["h_out"], _axes("h_in", "h_out"), opset)
+        _inline(nodes, inits, piece, prefix, {"h_in": current, "h_out": out})
+        plain.clear()
+        current = out
+        with torch.no_grad():
+            return run(example)[0]
+
+    block_index = len(flow.residual_blocks())
+    for layer in reversed(flow.layers):
+        if not isinstance(layer, ResidualBlock):
+            plain.append(layer)
+            continue
+        h = flush(h)
+        block_index -= 1
+        prefix = f"block{block_index}/"
+        step = _export(
+            _Fn(layer.inverse_step, layer),
+            (h, h),
+            ["x", "y"],
+            ["x_new", "step"],
+            _axes("x", "y", "x_new", "step"),
+            opset,
+        )
+        body = _loop_body(step, prefix, current, [BATCH, *h.shape[1:]], dtype)
+        trip, step0 = f"{prefix}trip_count", f"{prefix}step0"
+        inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [counts[block_index]]))
+        nodes += _zeros_per_sample(current, step0, prefix, dtype)
+        out_x, out_step = f"{prefix}x", f"{prefix}step"
+        nodes.append(
+            helper.make_node("Loop", [trip, "", current, step0], [out_x, out_step], body=body, name=f"{prefix}loop")
+        )
+        steps.append(out_step)
+        current = out_x
+
+    h = flush(h)
+    if flow.preprocess is not None:
+        tail = _Fn(lambda y: (flow.preprocess.inverse(y),), flow)
+        piece = _export(tail, (h,), ["h_in"], ["h_out"], _axes("h_in", "h_out"), opset)
+        _inline(nodes, inits, piece, "tail/", {"h_in": current, "h_out": "x"})
+    else:
+        nodes.append(helper.make_node("Identity", [current], ["x"]))
+    if len(steps) > 1:
+        nodes.append(helper.make_node("Max", steps, ["residual"]))
+    elif steps:
+        nodes.append(helper.make_node("Identity", steps, ["residual"]))
+    else:
+        nodes += _zeros_per_sample("z", "residual", "noloop/", dtype)
+
+    graph = helper.make_graph(
+        nodes,
+        "acf_sample",
+        [
+            helper.make_tensor_value_info("z", dtype, [BATCH, flow.dim]),
+            helper.make_tensor_value_info("temperature", dtype, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("x", dtype, [BATCH, *flow.data_shape]),
+            helper.make_tensor_value_info("residual", dtype, [BATCH]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="acf-deploy")
+    model.ir_version = piece.ir_version
+    return model
+
+
+def _axes(*names: str) -> dict[str, dict[int, str]]:
+    return {name: {0: BATCH} for name in names}
+
+
+def _zeros_per_sample(source: str, target: str, prefix: str, dtype: int) -> list:
+    """Nodes computing ``zeros(batch)`` from the first axis of ``source``."""
+    zero = helper.make_tensor(f"{prefix}zero", dtype, [1], [0.0])
+    return [
+        helper.make_node("Shape", [source], [f"{prefix}shape"], start=0, end=1),
+        helper.make_node("ConstantOfShape", [f"{prefix}shape"], [target], value=zero),
+    ]
