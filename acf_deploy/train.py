@@ -140,10 +140,10 @@ def train(
             torch.nn.utils.clip_grad_norm_(flow.parameters(), hp["grad_clip"])
             opt.step()
             _ema_update(ema, flow, hp["ema_decay"])
-            sums["loss"] += float(loss)
+            sums["loss"] += float(loss.detach())
             sums["bpd"] += float(estimate.detach().mean())
             if on_step:
-                on_step({"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": float(loss)})
+                on_step({"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": float(loss.detach())})
         elapsed += time.perf_counter() - started
         record = {"epoch": epoch, "train_estimate": sums["bpd"] / steps_per_epoch, "seconds": elapsed}
         history.append(record)
