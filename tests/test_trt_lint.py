@@ -139,6 +139,16 @@ def test_loop_carried_shape_change_is_reported():
     assert "changes shape [batch, 4] -> [batch, 8]" in issue.message
 
 
+def test_shapes_flow_through_chained_loops():
+    # ONNX's own inference forgets a Loop's carried shapes; the lint restores them when proven kept.
+    first = helper.make_node("Loop", ["n", "", "x"], ["h"], body=_tanh_body(), name="first")
+    grow = _loop_body([helper.make_node("Concat", ["s_in", "s_in"], ["s_out"], axis=1)])
+    second = helper.make_node("Loop", ["n", "", "h"], ["y"], body=grow, name="second")
+    model = _model([first, second], [_x()], [_y()], [_const("n", 4, np.int64)])
+    (issue,) = lint_model(model)
+    assert issue.node == "second" and "changes shape [batch, 4] -> [batch, 8]" in issue.message
+
+
 def test_nested_det_names_its_loop_path():
     body = _loop_body(
         [

@@ -172,7 +172,7 @@ class _Linter:
             # onnx-tensorrt expands local functions, so lint what it will see.
             model = onnx.inliner.inline_local_functions(model)
         try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            model = _infer_with_loop_shapes(model)
         except Exception as exc:  # inference is best effort; the lint still runs
             self.add("", "model", model.graph.name or "main", _WARNING, f"shape inference failed: {exc}")
         self._lint_graph(model.graph, model.graph.name or "main", None)
@@ -194,19 +194,9 @@ class _Linter:
     # -- graphs -------------------------------------------------------------------------------
 
     def _lint_graph(self, graph: GraphProto, path: str, parent: _Scope | None) -> None:
-        scope = _Scope(parent)
-        for value in [*graph.input, *graph.output, *graph.value_info]:
-            scope.types[value.name] = value.type
-        for init in graph.initializer:
-            scope.consts[init.name] = init
-            scope.types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+        scope = _graph_scope(graph, parent)
         for sparse in graph.sparse_initializer:
-            scope.consts[sparse.values.name] = None
             self._check_elem_type(sparse.values.name, "initializer", path, sparse.values.data_type)
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output:
-                scope.consts[node.output[0]] = _constant_tensor(node)
-
         for value in graph.input:
             self._check_value_type(value.name, "input", path, value.type)
         for value in graph.output:
@@ -385,6 +375,58 @@ class _Linter:
             elif same is None:
                 report(_WARNING, f"{shown}: could not prove its shape stays constant")
         self._lint_graph(inferred, f"{path}/{label}.body", scope)
+
+
+def _graph_scope(graph: GraphProto, parent: _Scope | None) -> _Scope:
+    scope = _Scope(parent)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        scope.types[value.name] = value.type
+    for init in graph.initializer:
+        scope.consts[init.name] = init
+        scope.types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+    for sparse in graph.sparse_initializer:
+        scope.consts[sparse.values.name] = None
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output:
+            scope.consts[node.output[0]] = _constant_tensor(node)
+    return scope
+
+
+def _infer_with_loop_shapes(model: ModelProto) -> ModelProto:
+    """Shape inference that carries shapes through shape-preserving Loops.
+
+    ONNX's Loop inference forgets carried shapes (they could change per iteration), which leaves every
+    later Loop's inputs unknown. Where a body provably keeps a carried shape, the Loop's output is
+    declared with it and inference runs again, once per newly known Loop at most.
+    """
+    loops = sum(node.op_type == "Loop" for node in model.graph.node)
+    for _ in range(loops + 1):
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        scope = _graph_scope(inferred.graph, None)
+        pinned = []
+        for node in inferred.graph.node:
+            if node.op_type != "Loop":
+                continue
+            carried = list(node.input[2:])
+            outputs = list(node.output[: len(carried)])
+            initial = [scope.type_of(name) for name in carried]
+            if all(_dims(scope.type_of(out)) is not None for out in outputs if out):
+                continue
+            body = _infer_body(inferred, next(a.g for a in node.attribute if a.name == "body"), initial, scope)
+            for i, out in enumerate(outputs):
+                if not out or _dims(scope.type_of(out)) is not None or len(body.output) <= 1 + i:
+                    continue
+                if _same_shape(_dims(initial[i]), _dims(body.output[1 + i].type)):
+                    pinned.append(helper.make_value_info(out, initial[i]))
+        if not pinned:
+            return inferred
+        model = ModelProto()
+        model.CopyFrom(inferred)
+        declared = {p.name for p in pinned}
+        kept_info = [v for v in model.graph.value_info if v.name not in declared]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend([*kept_info, *pinned])
+    return inferred
 
 
 def _constant_tensor(node: NodeProto) -> TensorProto | None:
