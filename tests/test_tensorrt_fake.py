@@ -320,6 +320,19 @@ def test_cuda_graph_replays_fixed_shapes(fake_trt, artifact_dir):
     np.testing.assert_allclose(out["x"], toy_sample_reference(second, 1.0)["x"], atol=1e-5)
 
 
+def test_cuda_graph_capture_failure_falls_back(fake_trt, artifact_dir, monkeypatch):
+    def refuse(self, launch):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(FakeStream, "capture", refuse)
+    trt_export.build_engines(artifact_dir, batch=(1, 4, 8))
+    backend = TrtBackend(open_artifact(artifact_dir), use_cuda_graph=True)
+    z = _inputs(8)[0]
+    for _ in range(2):
+        np.testing.assert_allclose(backend.sample(z)["x"], toy_sample_reference(z, 1.0)["x"], atol=1e-5)
+    assert len(fake_trt.state.executions) == 2
+
+
 def test_backend_refuses_engines_whose_hash_differs(fake_trt, artifact_dir):
     info = trt_export.build_engines(artifact_dir)["engines"]["density"]
     plan = artifact_dir / info["file"]

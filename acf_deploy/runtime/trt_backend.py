@@ -67,12 +67,14 @@ class _Engine:
         engine: tensorrt.ICudaEngine,
         stream: _CudaStream,
         device: str,
+        logger: TrtLogger,
         max_safe_batch: int | None,
         use_cuda_graph: bool,
     ):
         import torch
 
         self._torch = torch
+        self.logger = logger
         self.engine = engine
         self.context = engine.create_execution_context()
         self.stream = stream
@@ -146,13 +148,14 @@ class _Engine:
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.handle):
-            raise CheckFailed("TensorRT execute_async_v3 failed; see TensorRT's log above")
+            raise CheckFailed(f"TensorRT execute_async_v3 failed: {self.logger.errors() or 'no reason logged'}")
 
     def _capture(self, signature: Any, inputs: dict, outputs: dict) -> None:
-        """Keep one CUDA graph for the latest shapes; engines that cannot be captured run uncaptured."""
+        """Keep one CUDA graph for the latest shapes; engines that cannot be captured (TensorRT refuses
+        some, e.g. with host synchronisation) keep running uncaptured."""
         try:
             replay = self.stream.capture(self._execute)
-        except RuntimeError:
+        except (RuntimeError, CheckFailed):
             self.use_cuda_graph = False
             self._graph = None
         else:
@@ -192,6 +195,7 @@ class TrtBackend(Backend):
                 self._deserialize(trt, graph),
                 self._stream,
                 self.device.torch_device,
+                self._logger,
                 max_safe,
                 use_cuda_graph,
             )
