@@ -136,5 +136,247 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _open(artifact_dir: Path):
+    from .artifact import open_artifact
+
+    return open_artifact(artifact_dir)
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (model.safetensors + model.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Artifact directory to write (atomically)."),
+    logdet: str | None = typer.Option(None, help="exact | series (default: exact when D <= 256)."),
+    terms: int = typer.Option(10, help="Series terms (series mode)."),
+    probes: int = typer.Option(4, help="Rademacher probes per sample (series mode)."),
+    inverse: str = typer.Option("loop", help="loop | unroll: how fixed-point iterations appear in sample.onnx."),
+    iters: str = typer.Option("calibrated", help="calibrated | certified | N iterations per block."),
+    tol: float = typer.Option(1e-5, help="Per-block fixed-point tolerance (max-abs)."),
+    precision: str = typer.Option("fp32", help="fp32 (fp16/bf16: see README)."),
+    opset: int = typer.Option(17),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+) -> None:
+    """Export a checkpoint to sample.onnx + density.onnx, verified against PyTorch before it counts."""
+    from .exporters.export import ExportOptions, export_artifact
+
+    opts = ExportOptions(logdet, terms, probes, inverse, iters, tol, precision, opset, seed)
+    with console.status("exporting") as status:
+        artifact = export_artifact(checkpoint, out_dir, opts, log=lambda msg: status.update(msg))
+    summary = export_summary(artifact.manifest)
+    if json_out:
+        print_json(summary)
+    else:
+        render_export(artifact.root, summary)
+
+
+def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "preset": manifest["preset"],
+        "logdet": manifest["logdet"]["mode"],
+        "inverse": manifest["inverse"]["mode"],
+        "iterations": manifest["iterations"],
+        "nodes": {g: manifest["graphs"][g]["nodes"] for g in ("sample", "density")},
+        "roundtrip": manifest["roundtrip"],
+        "export_seconds": manifest["export_timings"]["total_s"],
+        "max_safe_batch": manifest["max_safe_batch"],
+    }
+
+
+def render_export(root: Path, summary: dict[str, Any]) -> None:
+    it = summary["iterations"]
+    out.print(
+        f"[green]exported[/green] {summary['preset']} to {root} in {summary['export_seconds']:.1f} s "
+        f"(log-det {summary['logdet']}, inverse {summary['inverse']})"
+    )
+    out.print(
+        f"iterations: exported {it['exported_total']}, calibrated {it['calibrated_total']}, "
+        f"certified {it['certified_total']}; nodes: sample {summary['nodes']['sample']}, "
+        f"density {summary['nodes']['density']}"
+    )
+
+
+@app.command()
+@handle_errors
+def check(
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
+    backend: str = typer.Option("ort", help="Backend to check: ort, ort-cuda, ort-trt, trt, torch."),
+    n: int = typer.Option(1024, help="Seeded inputs per graph."),
+    against: str = typer.Option("torch", help="torch (rebuild the model) or golden (golden.npz, no PyTorch)."),
+    atol: float = typer.Option(1e-4),
+    rtol: float = typer.Option(1e-4),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Parity of a backend against PyTorch or golden.npz: errors per output, bits/dim, round trips."""
+    from .errors import BadInput, CheckFailed
+    from .runtime import open_backend
+    from .runtime.parity import compare_backends, compare_golden
+
+    if against not in ("torch", "golden"):
+        raise BadInput(f"--against must be torch or golden, not {against!r}")
+    if n < 1:
+        raise BadInput("--n must be at least 1")
+    artifact = _open(artifact_dir)
+    with open_backend(backend, artifact) as runner:
+        if against == "golden":
+            result = compare_golden(artifact, runner, atol, rtol)
+        else:
+            with open_backend("torch", artifact) as reference:
+                result = compare_backends(artifact, runner, reference, n, seed, atol, rtol)
+    if json_out:
+        print_json(result.to_json())
+    else:
+        render_check(result)
+    if not result.passed:
+        raise CheckFailed(f"check failed: {result.summary()}")
+
+
+def render_check(result) -> None:
+    from .runtime.parity import LIMITS
+
+    table = Table(title=f"{result.backend} vs {result.against} ({result.n} inputs)")
+    for column in ("output", "max abs", "mean abs", "p99 abs", "max rel", "atol needed", "ok"):
+        table.add_column(column)
+    for o in result.outputs:
+        table.add_row(
+            o.name,
+            f"{o.max_abs:.2e}",
+            f"{o.mean_abs:.2e}",
+            f"{o.p99_abs:.2e}",
+            f"{o.max_rel:.2e}",
+            f"{o.atol_needed:.2e}",
+            "[green]yes[/green]" if o.passed else "[red]no[/red]",
+        )
+    out.print(table)
+    metrics = Table(title="metrics (DESIGN 5 limits)")
+    for column in ("metric", "value", "limit"):
+        metrics.add_column(column)
+    for key, value in result.metrics.items():
+        metrics.add_row(key, f"{value:.4g}", f"{LIMITS[key]:g}" if key in LIMITS else "")
+    out.print(metrics)
+    verdict = "[green]PASSED[/green]" if result.passed else f"[red]FAILED[/red]: {result.summary()}"
+    out.print(verdict)
+
+
+@app.command()
+@handle_errors
+def sample(
+    artifact_dir: Path = typer.Argument(...),
+    n: int = typer.Option(64, "--n"),
+    backend: str = typer.Option("ort"),
+    temperature: float = typer.Option(1.0),
+    out_file: Path = typer.Option(..., "--out", help=".png grid or .npy array (data space, [0, 1] for images)."),
+    seed: int = typer.Option(0),
+    batch: int = typer.Option(256),
+) -> None:
+    """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
+    from .runtime import open_backend
+    from .runtime.jobs import sample_to_file
+
+    artifact = _open(artifact_dir)
+    with open_backend(backend, artifact) as runner, progress() as bar:
+        task = bar.add_task("sample", total=n, info="")
+        stats = sample_to_file(runner, artifact, n, out_file, temperature, seed, batch, lambda k: bar.advance(task, k))
+    out.print(f"wrote {n} samples to {out_file} (largest fixed-point residual {stats['residual_max']:.2e})")
+
+
+@app.command()
+@handle_errors
+def score(
+    artifact_dir: Path = typer.Argument(...),
+    data: str = typer.Argument(..., help=".npy/.npz in the dataset's native levels, or digits-test."),
+    backend: str = typer.Option("ort"),
+    out_file: Path | None = typer.Option(None, "--out", help="Per-sample log-likelihoods (.npy)."),
+    json_out: bool = typer.Option(False, "--json"),
+    seed: int = typer.Option(0),
+    batch: int = typer.Option(256),
+) -> None:
+    """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
+    from .runtime import open_backend
+    from .runtime.jobs import load_score_data, save_npy
+    from .runtime.jobs import score as run_score
+
+    artifact = _open(artifact_dir)
+    array = load_score_data(artifact, data)
+    with open_backend(backend, artifact) as runner, progress() as bar:
+        task = bar.add_task("score", total=len(array), info="")
+        log_lik, bpd = run_score(runner, artifact, array, seed, batch, lambda k: bar.advance(task, k))
+    if out_file is not None:
+        save_npy(log_lik, out_file)
+    payload = {"n": len(array), "bits_per_dim": bpd, "mean_log_likelihood_nats": float(log_lik.mean())}
+    if json_out:
+        print_json(payload)
+    else:
+        out.print(
+            f"{len(array)} samples: bits/dim [bold]{bpd:.4f}[/bold], mean log-likelihood {log_lik.mean():.3f} nats"
+        )
+
+
+@app.command()
+@handle_errors
+def inspect(
+    target: Path = typer.Argument(..., help="Artifact directory or a .onnx file."),
+    trt: bool = typer.Option(False, "--trt", help="Lint every node against TensorRT's ONNX support (CPU only)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Node count, op histogram, opset, inputs/outputs, manifest summary; --trt lints for TensorRT."""
+    from .errors import CheckFailed
+    from .exporters.inspect import inspect_target
+
+    report = inspect_target(target, trt)
+    if json_out:
+        print_json(report)
+    else:
+        render_inspect(report)
+    lint_errors = [i for g in report.get("trt_lint", {}).values() for i in g if i["severity"] == "error"]
+    if lint_errors:
+        raise CheckFailed(f"TensorRT lint found {len(lint_errors)} errors (listed above)")
+
+
+def render_inspect(report: dict[str, Any]) -> None:
+    for name, graph in report["graphs"].items():
+        ops = ", ".join(f"{op} {count}" for op, count in list(graph["ops"].items())[:12])
+        out.print(f"[bold]{name}[/bold]: {graph['nodes']} nodes (incl. loop bodies), opset {graph['opset']}")
+        out.print(f"  inputs: {graph['inputs']}\n  outputs: {graph['outputs']}\n  ops: {ops}")
+    if "manifest" in report:
+        out.print(f"manifest: {json.dumps(report['manifest'])}")
+    for name, issues in report.get("trt_lint", {}).items():
+        if not issues:
+            out.print(f"[green]TensorRT lint: {name} clean[/green]")
+        for issue in issues:
+            colour = "red" if issue["severity"] == "error" else "yellow"
+            out.print(
+                f"[{colour}]{issue['severity']}[/{colour}] {name}:{issue['graph']}:{issue['node']} "
+                f"({issue['op_type']}): {issue['message']}",
+                highlight=False,
+            )
+
+
+@app.command()
+@handle_errors
+def quickstart(
+    out_dir: Path = typer.Option(Path("acf-quickstart"), "--out", help="Where the artifact and outputs go."),
+    backend: str = typer.Option("ort", help="Backend for check, sample and score."),
+    n: int = typer.Option(512, help="Inputs for the parity check."),
+) -> None:
+    """The whole path on the shipped digits-acf-l2: export, check, sample grid, score the test split."""
+    from .quickstart import run_quickstart
+
+    with console.status("quickstart") as status:
+        summary = run_quickstart(out_dir, backend, n, log=lambda msg: status.update(msg))
+    table = Table(title="acf-deploy quickstart: digits-acf-l2")
+    table.add_column("step")
+    table.add_column("result")
+    for step, result in summary["rows"]:
+        table.add_row(step, result)
+    out.print(table)
+    if not summary["passed"]:
+        from .errors import CheckFailed
+
+        raise CheckFailed("quickstart parity check failed")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,27 @@
+"""Backends behind one interface: ``torch`` (reference), ``ort`` (CPU; ``ort-cuda``, ``ort-trt``), ``trt``."""
+
+from __future__ import annotations
+
+from ..artifact import Artifact
+from ..errors import BadInput
+from .base import Backend
+
+BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
+
+
+def open_backend(name: str, artifact: Artifact, threads: int | None = None) -> Backend:
+    """Open ``artifact`` on backend ``name``; raises BackendUnavailable (exit 3) when it cannot run here."""
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(artifact)
+    if name in ("ort", "ort-cuda", "ort-trt"):
+        from .ort_backend import OrtBackend
+
+        device = {"ort": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[name]
+        return OrtBackend(artifact, device=device, threads=threads)
+    if name == "trt":
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(artifact)
+    raise BadInput(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

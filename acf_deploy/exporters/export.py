@@ -1,0 +1,329 @@
+"""``export``: a checkpoint becomes a verified artifact directory (DESIGN 3).
+
+Everything is written into a temporary directory that replaces the target only after the
+graphs loaded in ONNX Runtime, have the declared inputs and outputs, and matched PyTorch on the
+golden batch. On any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .. import __version__
+from ..artifact import FORMAT_VERSION, MANIFEST, Artifact
+from ..checkpoint import META, WEIGHTS, load_checkpoint
+from ..data import training_data
+from ..errors import BadInput, CheckFailed
+from ..fileio import atomic_dir, sha256_file, write_json
+from ..flows.blocks import series_truncation_bound
+from ..flows.flow import Flow
+from ..report import block_report, verification_failures
+from ..train import to_model_space
+from .calibrate import Calibration, calibrate, roundtrip_errors
+from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
+
+GOLDEN = "golden.npz"
+CHECKPOINT_DIR = "checkpoint"
+UNROLL_NODE_BUDGET = 50_000
+MEMORY_BUDGET_BYTES = 1 << 30
+N_GOLDEN = 16
+N_CALIBRATION = 128
+
+
+@dataclass
+class ExportOptions:
+    logdet: str | None = None  # exact | series; None: exact when D <= 256
+    terms: int = 10
+    probes: int = 4
+    inverse: str = "loop"  # loop | unroll
+    iters: str = "calibrated"  # calibrated | certified | an integer
+    tol: float = 1e-5
+    precision: str = "fp32"
+    opset: int = 17
+    seed: int = 0
+
+
+def default_logdet(dim: int) -> str:
+    return "exact" if dim <= 256 else "series"
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if opts.logdet not in (None, "exact", "series"):
+        raise BadInput(f"--logdet must be exact or series, not {opts.logdet!r}")
+    if opts.inverse not in ("loop", "unroll"):
+        raise BadInput(f"--inverse must be loop or unroll, not {opts.inverse!r}")
+    if opts.iters not in ("calibrated", "certified") and not str(opts.iters).isdigit():
+        raise BadInput(f"--iters must be calibrated, certified or a positive integer, not {opts.iters!r}")
+    if opts.precision not in ("fp32",):
+        raise BadInput(f"--precision {opts.precision} is not supported by this exporter yet; use fp32")
+    if not 15 <= opts.opset <= 21:
+        raise BadInput(f"--opset {opts.opset} is out of range; use 15..21")
+    if opts.terms < 1 or opts.probes < 1 or opts.tol <= 0:
+        raise BadInput("--terms and --probes must be positive and --tol > 0")
+
+
+def export_artifact(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    opts: ExportOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Export, verify and atomically write an artifact; returns it opened and hash-checked."""
+    opts = opts or ExportOptions()
+    _check_options(opts)
+    say = log or (lambda _msg: None)
+    started = time.perf_counter()
+    flow, meta = load_checkpoint(checkpoint)
+    config = meta["config"]
+    flow.bake()
+    mode = opts.logdet or default_logdet(flow.dim)
+    generator = torch.Generator().manual_seed(opts.seed)
+    _, test = training_data(config, seed=opts.seed)
+    data_x = to_model_space(test[:N_CALIBRATION], config, generator)
+    prior_z = torch.randn(N_CALIBRATION, flow.dim, generator=generator)
+
+    say("verifying Lipschitz constants")
+    blocks = _verified_blocks(flow, meta, data_x, prior_z)
+    say("calibrating fixed-point iterations")
+    cal = calibrate(flow, data_x, prior_z, opts.tol)
+    counts = _chosen_counts(opts.iters, cal)
+    timings = {"calibrate_s": time.perf_counter() - started}
+
+    say("tracing graphs")
+    t0 = time.perf_counter()
+    example_x, example_z = data_x[:2], prior_z[:2]
+    density = export_density(flow, mode, opts.terms, opts.probes, example_x, opts.opset)
+    exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
+    sample = exporter(flow, counts, example_z, opts.opset)
+    if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
+        raise BadInput(
+            f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
+        )
+    timings["trace_s"] = time.perf_counter() - t0
+
+    golden = _golden(flow, mode, opts, counts, config, test, generator)
+    with atomic_dir(out_dir) as tmp:
+        onnx.save(sample, tmp / "sample.onnx")
+        onnx.save(density, tmp / "density.onnx")
+        np.savez(tmp / GOLDEN, **golden)
+        (tmp / CHECKPOINT_DIR).mkdir()
+        source = Path(checkpoint)
+        source = source.parent if source.suffix in (".json", ".safetensors") else source
+        for name in (WEIGHTS, META):
+            shutil.copyfile(source / name, tmp / CHECKPOINT_DIR / name)
+        manifest = _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density)
+        manifest["roundtrip"] = {
+            "calibrated": roundtrip_errors(flow, cal.calibrated, data_x, prior_z),
+            "certified": roundtrip_errors(flow, cal.certified, data_x, prior_z),
+            "exported": roundtrip_errors(flow, counts, data_x, prior_z),
+        }
+        manifest["files"] = {
+            p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        timings["total_s"] = time.perf_counter() - started
+        manifest["export_timings"] = timings
+        write_json(tmp / MANIFEST, manifest)
+        say("verifying the export on ONNX Runtime")
+        artifact = Artifact(root=tmp, manifest=manifest)
+        verify_export(artifact)
+    return Artifact(root=Path(out_dir), manifest=manifest)
+
+
+def _verified_blocks(flow: Flow, meta: dict, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
+    """Per-block L: certified bounds, plus measurement (required for ``verified`` blocks)."""
+    needs_measurement = any(b.guarantee == "verified" for b in flow.residual_blocks())
+    trained = {row["block"]: row for row in meta.get("metrics", {}).get("blocks", [])}
+    if needs_measurement or not trained:
+        with torch.no_grad():
+            samples, _ = flow.sample(prior_z[:32], 60)
+        rows = block_report(flow, data_x[:32], samples, n_iter=20, steps=20)
+    else:
+        rows = [
+            {**row, "lipschitz_bound": block.lipschitz(), "lipschitz_certified": block.lipschitz()}
+            for row, block in zip(trained.values(), flow.residual_blocks(), strict=True)
+        ]
+    failures = verification_failures(rows)
+    if failures:
+        raise CheckFailed("not exported: " + "; ".join(failures))
+    return rows
+
+
+def _chosen_counts(iters: str, cal: Calibration) -> list[int]:
+    if iters == "calibrated":
+        return list(cal.calibrated)
+    if iters == "certified":
+        return list(cal.certified)
+    return [int(iters)] * len(cal.certified)
+
+
+def _golden(flow, mode, opts, counts, config, test, generator) -> dict[str, np.ndarray]:
+    """Seeded inputs and the PyTorch reference outputs, so parity can be checked without PyTorch."""
+    from ..runtime.torch_backend import reference_density, reference_sample
+
+    x = to_model_space(test[:N_GOLDEN], config, generator).numpy()
+    z = torch.randn(N_GOLDEN, flow.dim, generator=generator).numpy()
+    temperature = np.array([1.0], dtype=np.float32)
+    probes = rademacher(N_GOLDEN, opts.probes, flow.dim, opts.seed) if mode == "series" else None
+    golden = {"in_z": z, "in_temperature": temperature, "in_x": x}
+    if probes is not None:
+        golden["in_probes"] = probes
+    for key, value in reference_sample(flow, counts, z, temperature).items():
+        golden[f"sample_{key}"] = value
+    for key, value in reference_density(flow, mode, opts.terms, x, probes).items():
+        golden[f"density_{key}"] = value
+    return golden
+
+
+def rademacher(batch: int, probes: int, dim: int, seed: int) -> np.ndarray:
+    """Seeded ``±1`` probes ``(batch, P, D)``; ``||v||^2 = D`` exactly."""
+    rng = np.random.default_rng(seed + 7919)
+    return (rng.integers(0, 2, size=(batch, probes, dim)) * 2 - 1).astype(np.float32)
+
+
+def _io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    def entries(values) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": entries(model.graph.input), "outputs": entries(model.graph.output)}
+
+
+def max_safe_batch(flow: Flow, mode: str, probes: int) -> int:
+    """Largest batch whose exact/series log-det intermediates fit in the memory budget (estimate)."""
+    fan_out = flow.dim if mode == "exact" else probes
+    widest = 0
+    for block in flow.residual_blocks():
+        for module in block.g.modules():
+            weight = getattr(module, "weight", None)
+            hw = getattr(module, "input_hw", None)
+            if weight is not None and hw is not None:
+                widest = max(widest, weight.shape[0] * hw[0] * hw[1])
+            n_tokens = getattr(module, "n_tokens", None)
+            if n_tokens:
+                widest = max(widest, getattr(module, "heads", 1) * n_tokens * n_tokens)
+    per_sample = fan_out * max(widest, flow.dim) * 4 * 16  # fp32, ~16 live tensors (primal + tangent)
+    return max(1, int(MEMORY_BUDGET_BYTES // per_sample))
+
+
+def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density) -> dict[str, Any]:
+    lips = [b.lipschitz() for b in flow.residual_blocks()]
+    lmax = max(lips) if lips else 0.0
+    logdet = {"mode": mode}
+    if mode == "series":
+        logdet.update(
+            terms=opts.terms,
+            probes=opts.probes,
+            truncation_bound_per_probe=[series_truncation_bound(flow.dim, lip, opts.terms) for lip in lips],
+        )
+    block_rows = []
+    for i, row in enumerate(blocks):
+        block_rows.append(
+            {
+                **row,
+                "index": i,
+                "n_iter": counts[i],
+                "n_iter_certified": cal.certified[i],
+                "n_iter_calibrated": cal.calibrated[i],
+                "radius": cal.radius[i],
+                "radius_kind": cal.bound_kind[i],
+                "calibration_max_abs_error": cal.calibration_error[i],
+                "fp32_floor": cal.fp32_floor[i],
+            }
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "preset": config["preset"],
+        "config": config,
+        "data_shape": list(flow.data_shape),
+        "dim": flow.dim,
+        "n_levels": flow.n_levels,
+        "batch_axis": BATCH,
+        "precision": opts.precision,
+        "opset": opts.opset,
+        "logdet": logdet,
+        "inverse": {"mode": opts.inverse, "iters": str(opts.iters), "tol": opts.tol, "max_lipschitz": lmax},
+        "iterations": {
+            "certified_total": sum(cal.certified),
+            "calibrated_total": sum(cal.calibrated),
+            "exported_total": sum(counts),
+        },
+        "graphs": {
+            "sample": {"file": "sample.onnx", **_io_spec(sample), "nodes": _count_nodes(sample.graph)},
+            "density": {"file": "density.onnx", **_io_spec(density), "nodes": _count_nodes(density.graph)},
+        },
+        "blocks": block_rows,
+        "preprocessing": meta.get("preprocessing", {}),
+        "training_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k not in ("blocks", "history")},
+        "max_safe_batch": max_safe_batch(flow, mode, opts.probes),
+        "export_options": asdict(opts),
+        "tools": {
+            "acf_deploy": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes including those inside Loop bodies."""
+    total = 0
+    for node in graph.node:
+        total += 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += _count_nodes(attr.g)
+    return total
+
+
+def verify_export(artifact: Artifact) -> None:
+    """Loads in ONNX Runtime, is not empty, has the declared IO, and matches the golden outputs."""
+    from ..runtime.ort_backend import OrtBackend
+    from ..runtime.parity import compare_golden
+
+    for graph in ("sample", "density"):
+        model = onnx.load(str(artifact.graph_path(graph)))
+        if not model.graph.node:
+            raise CheckFailed(f"{graph}.onnx is empty")
+        expected = density_io(artifact.logdet_mode)[0] if graph == "density" else ["z", "temperature"]
+        found = [i.name for i in model.graph.input]
+        if found != expected:
+            raise CheckFailed(f"{graph}.onnx has inputs {found}, expected {expected}")
+    with OrtBackend(artifact) as backend:
+        result = compare_golden(artifact, backend)
+    if not result.passed:
+        raise CheckFailed(f"export does not match PyTorch on the golden batch: {result.summary()}")
+
+
+def iterations_note(manifest: dict[str, Any]) -> str:
+    it = manifest["iterations"]
+    ratio = it["calibrated_total"] / max(1, it["certified_total"])
+    return f"{it['calibrated_total']} calibrated vs {it['certified_total']} certified iterations ({ratio:.0%})"
+
+
+__all__ = [
+    "ExportOptions",
+    "export_artifact",
+    "iterations_note",
+    "max_safe_batch",
+    "rademacher",
+    "verify_export",
+    "math",
+]
