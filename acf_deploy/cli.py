@@ -356,6 +356,24 @@ def render_inspect(report: dict[str, Any]) -> None:
 
 @app.command()
 @handle_errors
+def build(
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (must match the export's precision)."),
+    batch: str = typer.Option("1:64:1024", help="Optimization profile on the batch axis, MIN:OPT:MAX."),
+    workspace: int = typer.Option(4096, help="Workspace memory pool limit in MB."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Timing cache file, reused across builds."),
+) -> None:
+    """Build TensorRT engines for both graphs (reused when the engine cache key matches)."""
+    from .exporters.tensorrt import build_engines, parse_batch
+
+    result = build_engines(artifact_dir, precision, parse_batch(batch), workspace, timing_cache)
+    for graph, entry in result["engines"].items():
+        state = "reused" if entry.get("reused") else f"built in {entry.get('build_s', 0):.1f} s"
+        out.print(f"{graph}: {entry['file']} ({state})")
+
+
+@app.command()
+@handle_errors
 def quickstart(
     out_dir: Path = typer.Option(Path("acf-quickstart"), "--out", help="Where the artifact and outputs go."),
     backend: str = typer.Option("ort", help="Backend for check, sample and score."),

@@ -55,7 +55,7 @@ def block_report(
         if gates:
             gate = gates[0]
             hidden = _gate_input(block, gate, xd)
-            row["gamma"] = float(gate.gamma)
+            row["gamma"] = float(gate.gamma.detach())
             row["attention_share"] = float(gate.attention_share(hidden).mean())
         rows.append(row)
     return rows

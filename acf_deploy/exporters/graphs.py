@@ -10,6 +10,7 @@ initializer and whose loop-carried values keep their shapes.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Sequence
 
 import onnx
@@ -63,7 +64,8 @@ def _export(
 ) -> onnx.ModelProto:
     """Trace ``module`` to ONNX (TorchScript exporter: fast, plain graphs, named dynamic axes)."""
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected: shapes are static
         torch.onnx.export(
             module,
             args,
