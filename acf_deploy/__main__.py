@@ -1,0 +1,5 @@
+"""``python -m acf_deploy`` runs the CLI."""
+
+from .cli import app
+
+app()
