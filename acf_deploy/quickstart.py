@@ -39,6 +39,12 @@ def run_quickstart(
         )
     )
     artifact = open_artifact(out_dir / "artifact")
+    if backend == "trt":
+        from .exporters.tensorrt import build_engines
+
+        say("building TensorRT engines")
+        build_engines(artifact.root)
+        artifact = open_artifact(artifact.root)
 
     say(f"checking {backend} against PyTorch on {n} inputs")
     with open_backend(backend, artifact) as runner, open_backend("torch", artifact) as reference:
