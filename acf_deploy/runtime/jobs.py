@@ -19,6 +19,22 @@ Progress = Callable[[int], None]
 MAX_GRID = 1024
 
 
+def check_sample_request(artifact: Artifact, n: int, target: str | Path, temperature: float) -> Path:
+    """Validate a sampling request before any work starts (so a bad one fails at once, writing nothing)."""
+    target = Path(target)
+    if target.suffix not in (".npy", ".png"):
+        raise BadInput(f"--out must end in .npy or .png, not {target.suffix or '(none)'}")
+    if n < 1:
+        raise BadInput("--n must be at least 1")
+    if target.suffix == ".png" and n > MAX_GRID:
+        raise BadInput(f"a .png grid holds at most {MAX_GRID} samples; use .npy for {n}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise BadInput("--temperature must be a positive number")
+    if target.suffix == ".png" and len(artifact.data_shape) != 3:
+        raise BadInput("a .png grid needs image data; use .npy for a 2D toy model")
+    return target
+
+
 def sample_to_file(
     backend: Backend,
     artifact: Artifact,
@@ -30,29 +46,19 @@ def sample_to_file(
     on_progress: Progress | None = None,
 ) -> dict[str, float]:
     """Draw ``n`` samples in batches into ``.npy`` (memory-mapped) or a ``.png`` grid; returns residual stats."""
-    target = Path(target)
-    if target.suffix not in (".npy", ".png"):
-        raise BadInput(f"--out must end in .npy or .png, not {target.suffix or '(none)'}")
-    if n < 1:
-        raise BadInput("--n must be at least 1")
-    if target.suffix == ".png" and n > MAX_GRID:
-        raise BadInput(f"a .png grid holds at most {MAX_GRID} samples; use .npy for {n}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise BadInput("--temperature must be a positive number")
+    target = check_sample_request(artifact, n, target, temperature)
+    check_seed(seed)
+    batch = check_batch(batch)
     shape = artifact.data_shape
-    if target.suffix == ".png" and len(shape) != 3:
-        raise BadInput("a .png grid needs image data; use .npy for a 2D toy model")
-    rng = np.random.default_rng(seed)
     stats = {"n": n, "residual_max": 0.0, "nonfinite": 0}
 
     def draw(store: np.ndarray) -> None:
-        for start in range(0, n, batch):
+        for index, start in enumerate(range(0, n, batch)):
             size = min(batch, n - start)
-            z = rng.standard_normal((size, artifact.dim)).astype(np.float32)
-            out = backend.sample(z, temperature)
-            store[start : start + size] = out["x"]
-            stats["residual_max"] = max(stats["residual_max"], float(np.nanmax(out["residual"])))
-            stats["nonfinite"] += int(np.size(out["x"]) - np.count_nonzero(np.isfinite(out["x"])))
+            x, residual_max, nonfinite = sample_batch(backend, artifact, size, temperature, seed, index)
+            store[start : start + size] = x
+            stats["residual_max"] = max(stats["residual_max"], residual_max)
+            stats["nonfinite"] += nonfinite
             if on_progress:
                 on_progress(size)
 
@@ -91,32 +97,90 @@ def score(
     on_progress: Progress | None = None,
 ) -> tuple[np.ndarray, float]:
     """Per-sample log-likelihood in nats of the data (discrete for images) and the dataset's bits/dim."""
+    check_seed(seed)
+    batch = score_batch_size(artifact, batch)
+    log_lik = np.empty(len(data), dtype=np.float64)
+    for index, start in enumerate(range(0, len(data), batch)):
+        rows = score_batch(backend, artifact, data[start : start + batch], seed, index)
+        log_lik[start : start + len(rows)] = rows
+        if on_progress:
+            on_progress(len(rows))
+    return log_lik, bits_per_dim(artifact, log_lik)
+
+
+def bits_per_dim(artifact: Artifact, log_lik: np.ndarray) -> float:
+    """The dataset's bits/dim from per-sample log-likelihoods (nats, discrete data for images)."""
+    return float(-log_lik.mean() / (artifact.dim * math.log(2)))
+
+
+# Randomness, per batch (DESIGN 1.4, 2). Every random draw of a job comes from the generator of the
+# batch it belongs to, derived from (seed, stream, batch index) alone: batch ``i`` covers rows
+# ``[i * batch, (i + 1) * batch)`` and gets the same dequantisation noise, probes or latents whichever
+# process computes it and whatever ran before. A distributed job whose shards are runs of whole
+# batches (runtime/distributed.py) therefore reproduces the single-process job bit for bit.
+STREAMS = {"score": 1, "sample": 2}
+
+
+def check_seed(seed: int) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise BadInput(f"--seed must be a non-negative integer, not {seed!r}")
+    return int(seed)
+
+
+def check_batch(batch: int) -> int:
+    if batch < 1:
+        raise BadInput("--batch must be at least 1")
+    return int(batch)
+
+
+def batch_rng(seed: int, stream: str, index: int) -> np.random.Generator:
+    """The generator of batch ``index`` of a ``stream`` (``score`` or ``sample``) job with ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([check_seed(seed), STREAMS[stream], int(index)]))
+
+
+def score_batch_size(artifact: Artifact, batch: int) -> int:
+    """The batch a score job really uses: ``batch`` capped by the artifact's ``max_safe_batch``."""
+    batch = check_batch(batch)
+    return max(1, min(batch, int(artifact.manifest.get("max_safe_batch", batch))))
+
+
+def score_batch(backend: Backend, artifact: Artifact, chunk: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """Log-likelihoods (float64 nats) of the rows of batch ``index``: dequantisation noise, then probes."""
     n_levels = artifact.manifest.get("n_levels")
     dim = artifact.dim
-    rng = np.random.default_rng(seed)
-    batch = max(1, min(batch, int(artifact.manifest.get("max_safe_batch", batch))))
-    log_lik = np.empty(len(data), dtype=np.float64)
-    for start in range(0, len(data), batch):
-        chunk = data[start : start + batch]
-        if n_levels:
-            x = ((chunk + rng.random(chunk.shape)) / n_levels).astype(np.float32)
-        else:
-            x = chunk.astype(np.float32)
-        probes = None
-        if artifact.logdet_mode == "series":
-            probes = (rng.integers(0, 2, (len(x), artifact.n_probes, dim)) * 2 - 1).astype(np.float32)
-        log_p = backend.density(x, probes)["log_prob"].astype(np.float64)
-        log_lik[start : start + len(x)] = log_p - (dim * math.log(n_levels) if n_levels else 0.0)
-        if on_progress:
-            on_progress(len(x))
-    bpd = float(-log_lik.mean() / (dim * math.log(2)))
-    return log_lik, bpd
+    rng = batch_rng(seed, "score", index)
+    chunk = np.asarray(chunk)
+    if n_levels:
+        x = ((chunk + rng.random(chunk.shape)) / n_levels).astype(np.float32)
+    else:
+        x = chunk.astype(np.float32)
+    probes = None
+    if artifact.logdet_mode == "series":
+        probes = (rng.integers(0, 2, (len(x), artifact.n_probes, dim)) * 2 - 1).astype(np.float32)
+    log_p = backend.density(x, probes)["log_prob"].astype(np.float64)
+    return log_p - (dim * math.log(n_levels) if n_levels else 0.0)
+
+
+def sample_batch(
+    backend: Backend, artifact: Artifact, size: int, temperature: float, seed: int, index: int
+) -> tuple[np.ndarray, float, int]:
+    """Samples of batch ``index`` (``size`` rows): ``(x, largest residual, non-finite count)``."""
+    z = batch_rng(seed, "sample", index).standard_normal((size, artifact.dim)).astype(np.float32)
+    out = backend.sample(z, temperature)
+    x = out["x"]
+    nonfinite = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    return x, float(np.nanmax(out["residual"])), nonfinite
+
+
+def check_npy_target(target: str | Path) -> Path:
+    target = Path(target)
+    if target.suffix != ".npy":
+        raise BadInput(f"--out must end in .npy, not {target.suffix or '(none)'}")
+    return target
 
 
 def save_npy(values: np.ndarray, target: str | Path) -> Path:
-    target = Path(target)
-    if target.suffix != ".npy":
-        raise BadInput("--out must end in .npy")
+    target = check_npy_target(target)
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, values)
