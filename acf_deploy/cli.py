@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -41,7 +42,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except AcfError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")
@@ -273,9 +274,10 @@ def sample(
 ) -> None:
     """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
     from .runtime import open_backend
-    from .runtime.jobs import sample_to_file
+    from .runtime.jobs import check_sample_request, sample_to_file
 
     artifact = _open(artifact_dir)
+    check_sample_request(artifact, n, out_file, temperature)
     with open_backend(backend, artifact) as runner, progress() as bar:
         task = bar.add_task("sample", total=n, info="")
         stats = sample_to_file(runner, artifact, n, out_file, temperature, seed, batch, lambda k: bar.advance(task, k))
@@ -295,9 +297,11 @@ def score(
 ) -> None:
     """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
     from .runtime import open_backend
-    from .runtime.jobs import load_score_data, save_npy
+    from .runtime.jobs import check_npy_target, load_score_data, save_npy
     from .runtime.jobs import score as run_score
 
+    if out_file is not None:
+        check_npy_target(out_file)
     artifact = _open(artifact_dir)
     array = load_score_data(artifact, data)
     with open_backend(backend, artifact) as runner, progress() as bar:

@@ -50,6 +50,7 @@ def certified_counts(
     counts, radii, kinds = [0] * len(blocks), [0.0] * len(blocks), ["certified"] * len(blocks)
     radius, empirical = _prior_radius(flow.dim), False
     index = len(blocks)
+    shape = tuple(flow._latent_shape())  # the shape each layer outputs, walking backwards
     for layer in reversed(flow.layers):
         if isinstance(layer, ResidualBlock):
             index -= 1
@@ -61,14 +62,17 @@ def certified_counts(
             radii[index], kinds[index] = radius, "empirical" if empirical else "certified"
             radius = (radius + g0) / (1 - lip)
         elif isinstance(layer, ActNorm):
-            pixels = layer._pixels(torch.zeros(1, *prior_inputs[0].shape[1:])) if layer.spatial else 1
+            pixels = shape[1] * shape[2] if layer.spatial else 1
             radius = float(torch.exp(-layer.log_scale).max()) * radius + float(layer.bias.norm()) * math.sqrt(pixels)
         elif isinstance(layer, InvConv1x1):
             w_inv = torch.linalg.inv(layer.weight.double())
             radius *= float(torch.linalg.matrix_norm(w_inv, ord=2))
         elif isinstance(layer, AffineCoupling):
             empirical = True
-        elif not isinstance(layer, Squeeze):
+        elif isinstance(layer, Squeeze):
+            c, h, w = shape
+            shape = (c // 4, 2 * h, 2 * w)
+        else:
             raise TypeError(f"no radius rule for {type(layer).__name__}")
     return counts, radii, kinds
 

@@ -9,6 +9,7 @@ import torch
 
 from ..artifact import Artifact
 from ..checkpoint import load_checkpoint
+from ..errors import BadInput
 from ..exporters.graphs import DensityGraph, SampleGraph, density_io
 from ..flows.flow import Flow
 from .base import Arrays, Backend
@@ -38,6 +39,11 @@ class TorchBackend(Backend):
     def __init__(self, artifact: Artifact):
         super().__init__(artifact)
         for name in ("checkpoint/model.safetensors", "checkpoint/model.json"):
+            if not (artifact.root / name).is_file():
+                raise BadInput(
+                    f"{artifact.root / name} is missing: the torch reference needs the checkpoint copy; "
+                    "check against golden.npz with `--against golden` instead"
+                )
             artifact.verify_file(name)
         self.flow, _ = load_checkpoint(artifact.root / "checkpoint")
         self.flow.bake()
