@@ -261,6 +261,22 @@ def render_check(result) -> None:
     out.print(verdict)
 
 
+ENGINE_HELP = "local (one process) or ray (shards over Ray workers; bit-identical for the same --threads)."
+
+
+def _ray_options(engine: str, address: str | None, workers: int):
+    """Engine options for the library; retries are reported as they happen."""
+    from .runtime.distributed import RayOptions
+
+    if engine != "ray":
+        if address is not None or workers != RayOptions.workers:
+            from .errors import BadInput
+
+            raise BadInput("--address and --workers need --engine ray")
+        return None
+    return RayOptions(workers=workers, address=address, on_event=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
+
+
 @app.command()
 @handle_errors
 def sample(
@@ -271,17 +287,26 @@ def sample(
     out_file: Path = typer.Option(..., "--out", help=".png grid or .npy array (data space, [0, 1] for images)."),
     seed: int = typer.Option(0),
     batch: int = typer.Option(256),
+    engine: str = typer.Option("local", help=ENGINE_HELP),
+    address: str | None = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one."),
+    workers: int = typer.Option(2, help="Ray workers, one backend each (ray engine)."),
+    threads: int | None = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray)."),
 ) -> None:
     """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
-    from .runtime import open_backend
-    from .runtime.jobs import check_sample_request, sample_to_file
+    from .runtime.distributed import sample_job
+    from .runtime.jobs import check_sample_request
 
+    options = _ray_options(engine, address, workers)
     artifact = _open(artifact_dir)
     check_sample_request(artifact, n, out_file, temperature)
-    with open_backend(backend, artifact) as runner, progress() as bar:
-        task = bar.add_task("sample", total=n, info="")
-        stats = sample_to_file(runner, artifact, n, out_file, temperature, seed, batch, lambda k: bar.advance(task, k))
-    out.print(f"wrote {n} samples to {out_file} (largest fixed-point residual {stats['residual_max']:.2e})")
+    with progress() as bar:
+        task = bar.add_task(f"sample ({engine})", total=n, info="")
+        stats = sample_job(
+            artifact, n, out_file, backend, temperature, seed, batch, engine, threads, options,
+            lambda k: bar.advance(task, k),
+        )  # fmt: skip
+    retries = f", {stats['retries']} shard retries" if stats.get("retries") else ""
+    out.print(f"wrote {n} samples to {out_file} (largest fixed-point residual {stats['residual_max']:.2e}{retries})")
 
 
 @app.command()
@@ -294,28 +319,83 @@ def score(
     json_out: bool = typer.Option(False, "--json"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(256),
+    engine: str = typer.Option("local", help=ENGINE_HELP),
+    address: str | None = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one."),
+    workers: int = typer.Option(2, help="Ray workers, one backend each (ray engine)."),
+    threads: int | None = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray)."),
 ) -> None:
     """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
-    from .runtime import open_backend
-    from .runtime.jobs import check_npy_target, load_score_data, save_npy
-    from .runtime.jobs import score as run_score
+    from .runtime.distributed import score_job
+    from .runtime.jobs import check_npy_target, load_score_data
 
+    options = _ray_options(engine, address, workers)
     if out_file is not None:
         check_npy_target(out_file)
     artifact = _open(artifact_dir)
     array = load_score_data(artifact, data)
-    with open_backend(backend, artifact) as runner, progress() as bar:
-        task = bar.add_task("score", total=len(array), info="")
-        log_lik, bpd = run_score(runner, artifact, array, seed, batch, lambda k: bar.advance(task, k))
-    if out_file is not None:
-        save_npy(log_lik, out_file)
+    with progress() as bar:
+        task = bar.add_task(f"score ({engine})", total=len(array), info="")
+        log_lik, bpd, report = score_job(
+            artifact, array, backend, seed, batch, engine, threads, options, out_file, lambda k: bar.advance(task, k)
+        )
     payload = {"n": len(array), "bits_per_dim": bpd, "mean_log_likelihood_nats": float(log_lik.mean())}
+    if engine == "ray":
+        payload.update(engine="ray", shards=report["shards"], retries=report["retries"], workers=report["workers"])
     if json_out:
         print_json(payload)
     else:
         out.print(
             f"{len(array)} samples: bits/dim [bold]{bpd:.4f}[/bold], mean log-likelihood {log_lik.mean():.3f} nats"
         )
+
+
+@app.command()
+@handle_errors
+def triton(
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
+    repo: Path = typer.Option(..., "--repo", help="Triton model repository to create or add a version to."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | tensorrt (plans built on the serving host)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default min(256, safe batch))."),
+    instances: int = typer.Option(1, help="Model instances per model (instance_group count)."),
+    dynamic_batching: bool = typer.Option(False, "--dynamic-batching", help="Let Triton merge requests."),
+    queue_delay_us: int = typer.Option(100, "--queue-delay-us", help="Dynamic batching: longest wait for a batch."),
+    kind: str | None = typer.Option(None, help="cpu | gpu instances (default gpu for TensorRT, else cpu)."),
+    ort_tensorrt: bool = typer.Option(
+        False, "--ort-tensorrt", help="onnxruntime backend with its TensorRT execution accelerator (GPU)."
+    ),
+    name: str | None = typer.Option(None, help="Model name prefix (default: the preset): NAME-sample, NAME-density."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write a Triton model repository (sampling + density models); re-running adds a new version."""
+    from .exporters.triton import TritonOptions, write_triton_repository
+
+    options = TritonOptions(
+        backend=backend,
+        max_batch=max_batch,
+        instances=instances,
+        dynamic_batching=dynamic_batching,
+        queue_delay_us=queue_delay_us,
+        kind=kind,
+        ort_tensorrt=ort_tensorrt,
+        name=name,
+    )
+    summary = write_triton_repository(artifact_dir, repo, options)
+    if json_out:
+        print_json(summary)
+        return
+    table = Table(title=f"Triton repository {repo} (version {summary['version']}, backend {backend})")
+    for column in ("model", "inputs", "outputs"):
+        table.add_column(column)
+    for model, entry in summary["models"].items():
+        table.add_row(
+            model,
+            ", ".join(f"{t['name']} {t['shape']}" for t in entry["inputs"]),
+            ", ".join(f"{t['name']} {t['shape']}" for t in entry["outputs"]),
+        )
+    out.print(table)
+    if "build_script" in summary:
+        out.print(f"[yellow]build the TensorRT plans on the serving host:[/yellow] {summary['build_script']}")
+    out.print(f"how to serve and query it: {summary['readme']}")
 
 
 @app.command()
