@@ -1,0 +1,384 @@
+"""ONNX graph clean-up after tracing: graphs that do no work twice (DESIGN 2, issue 5).
+
+The TorchScript tracer records every ``tensor.shape`` read as ``Shape -> Gather -> Unsqueeze ->
+Concat -> Reshape`` chains, because the batch axis is dynamic. Inside a fixed-point ``Loop`` body
+those chains run on every iteration although only the batch size could ever change, and ONNX
+Runtime does not fold them (its constant folding needs fully static shapes). :func:`fold_static_shapes`
+uses ONNX shape inference (with data propagation) to find every ``Reshape``/``Expand`` whose target
+is static except for the batch axis, replaces the computed target by a constant (``0``: copy the
+batch dimension of the input; ``-1``: infer it), and removes the chains that fed it.
+
+:func:`weight_only_nodes` lists nodes whose inputs are all constants (initializers, ``Constant``
+nodes, or outer-scope constants inside a ``Loop`` body): work that depends only on the weights and
+should have been folded at export. :func:`fold_weight_only` folds any that remain with ONNX
+Runtime. The exporter runs :func:`optimize_graph` on both graphs; tests assert the result has no
+weight-only nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper, shape_inference
+
+__all__ = [
+    "count_nodes",
+    "dead_code_elimination",
+    "fold_static_shapes",
+    "fold_weight_only",
+    "infer_shapes",
+    "optimize_graph",
+    "weight_only_nodes",
+]
+
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"}
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterable[GraphProto]:
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def count_nodes(graph: GraphProto) -> int:
+    """Nodes including those inside subgraphs (``Loop`` bodies)."""
+    return sum(1 + sum(count_nodes(g) for g in _subgraphs(n)) for n in graph.node)
+
+
+def infer_shapes(model: ModelProto, batch: int | None = None) -> ModelProto:
+    """Shape inference with data propagation; with ``batch`` the dynamic batch axis of every graph input
+    is fixed to that size first. Loop-carried outputs, which ONNX leaves unknown, take the shape of
+    the corresponding loop inputs (the exporter keeps loop-carried shapes fixed)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if batch is not None:
+        for value in model.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].dim_param:
+                dims[0].dim_value = batch
+        for value in model.graph.output:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].dim_param:
+                dims[0].dim_value = batch
+    for _ in range(4):
+        model = shape_inference.infer_shapes(model, data_prop=True)
+        if not _carry_loop_shapes(model.graph):
+            break
+    return model
+
+
+def _value_types(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> dict[str, onnx.TypeProto]:
+    types = dict(outer or {})
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[value.name] = value.type
+    for init in graph.initializer:
+        types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
+    return types
+
+
+def _known(t: onnx.TypeProto | None) -> bool:
+    return (
+        t is not None
+        and t.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") or d.dim_param for d in t.tensor_type.shape.dim)
+    )
+
+
+def _carry_loop_shapes(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> bool:
+    """Give ``Loop`` carried outputs the shapes of their inputs; True when anything was added."""
+    types = _value_types(graph, outer)
+    added = False
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            added |= _carry_loop_shapes(sub, types)
+        if node.op_type != "Loop":
+            continue
+        carried_in = list(node.input[2:])
+        for name_in, name_out in zip(carried_in, node.output[: len(carried_in)], strict=False):
+            if not _known(types.get(name_out)) and _known(types.get(name_in)):
+                graph.value_info.append(onnx.ValueInfoProto(name=name_out, type=types[name_in]))
+                types[name_out] = types[name_in]
+                added = True
+    return added
+
+
+def _dims(t: onnx.TypeProto | None) -> list[int | str | None] | None:
+    if t is None or not t.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+
+
+Partial = list  # a small int64 vector whose entries are ints or symbolic dimension names (str) or None
+
+
+def _int_constant(tensor: TensorProto) -> Partial | None:
+    if tensor.data_type not in (TensorProto.INT64, TensorProto.INT32) or len(tensor.dims) > 1:
+        return None
+    values = numpy_helper.to_array(tensor).reshape(-1)
+    return [int(v) for v in values] if values.size <= 16 else None
+
+
+def _partial_values(
+    graph: GraphProto, types: dict[str, onnx.TypeProto], outer: dict[str, Partial]
+) -> dict[str, Partial]:
+    """Values of the small integer shape vectors of ``graph`` where they are known up to symbolic dims."""
+    values: dict[str, Partial] = dict(outer)
+    for init in graph.initializer:
+        value = _int_constant(init)
+        if value is not None:
+            values[init.name] = value
+    for node in graph.node:
+        ins = [values.get(n) if n else None for n in node.input]
+        out: Partial | None = None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Constant" and "value" in attrs:
+            out = _int_constant(attrs["value"])
+        elif node.op_type == "Shape":
+            dims = _dims(types.get(node.input[0]))
+            if dims is not None:
+                start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+                out = dims[start:end]
+        elif node.op_type == "Gather" and ins[0] is not None and ins[1] is not None and attrs.get("axis", 0) == 0:
+            try:
+                out = [ins[0][i] for i in ins[1]]
+            except IndexError:
+                out = None
+        elif node.op_type == "Slice" and ins[0] is not None and all(v is not None for v in ins[1:3]):
+            axes = ins[3] if len(ins) > 3 and ins[3] is not None else [0]
+            steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
+            if axes in ([0], [-1]) and steps == [1]:
+                out = ins[0][ins[1][0] : ins[2][0]]
+        elif node.op_type == "Concat" and all(v is not None for v in ins):
+            out = [v for part in ins for v in part]
+        elif node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity") and ins[0] is not None:
+            out = list(ins[0])
+        elif node.op_type in ("Mul", "Add", "Sub", "Div") and all(v is not None for v in ins[:2]):
+            out = _arith(node.op_type, ins[0], ins[1])
+        if out is not None and len(node.output) == 1:
+            values[node.output[0]] = out
+    return values
+
+
+def _arith(op: str, a: Partial, b: Partial) -> Partial | None:
+    """Element-wise integer arithmetic on shape vectors; unknown wherever a symbolic entry is involved."""
+    if len(a) != len(b) and min(len(a), len(b)) != 1:
+        return None
+    n = max(len(a), len(b))
+    a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+    out: Partial = []
+    for x, y in zip(a, b, strict=True):
+        if not (isinstance(x, int) and isinstance(y, int)):
+            out.append(None)
+        elif op == "Div":
+            out.append(x // y if y else None)
+        else:
+            out.append({"Mul": x * y, "Add": x + y, "Sub": x - y}[op])
+    return out
+
+
+def _reshape_output(inp: list, target: Partial) -> list | None:
+    """The output dims of ``Reshape(input, target)`` (``allowzero=0``) with symbolic dims, if determined."""
+    dims = [inp[i] if t == 0 else t for i, t in enumerate(target)]
+    if any(d is None for d in dims) or any(d is None for d in inp) or dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        in_syms = sorted(d for d in inp if isinstance(d, str))
+        out_syms = sorted(d for d in dims if isinstance(d, str))
+        if in_syms != out_syms:
+            return None
+        in_size = int(np.prod([d for d in inp if isinstance(d, int)]))
+        out_size = int(np.prod([d for d in dims if isinstance(d, int) and d != -1]))
+        if out_size == 0 or in_size % out_size:
+            return None
+        dims[dims.index(-1)] = in_size // out_size
+    return dims
+
+
+def _static_target(
+    node: onnx.NodeProto, types: dict[str, onnx.TypeProto], values: dict[str, Partial]
+) -> list[int] | None:
+    """A constant target for a Reshape/Expand whose output is static except one dynamic (batch) axis."""
+    inp = _dims(types.get(node.input[0]))
+    if inp is None:
+        return None
+    out = _dims(types.get(node.output[0]))
+    partial = values.get(node.input[1])
+    if node.op_type == "Reshape" and partial is not None:
+        out = _reshape_output(inp, partial) or out
+        unknown = [i for i, v in enumerate(partial) if not isinstance(v, int)]
+        if (
+            (out is None or any(d is None for d in out))
+            and len(unknown) == 1
+            and all(isinstance(v, int) and v > 0 for i, v in enumerate(partial) if i != unknown[0])
+        ):
+            return [-1 if i == unknown[0] else v for i, v in enumerate(partial)]  # e.g. (batch * D, C, H, W)
+    if out is None or any(d is None for d in out):
+        return None
+    dynamic = [i for i, d in enumerate(out) if isinstance(d, str)]
+    if node.op_type == "Reshape":
+        if len(dynamic) > 1:
+            return None
+        target = [d if isinstance(d, int) else -1 for d in out]
+        if dynamic and dynamic[0] == 0 and inp and inp[0] == out[0]:
+            target[0] = 0  # copy the input's batch dimension (also right for an empty batch)
+        return target
+    # Expand: keep a dynamic axis only where the input already has the same symbolic size (broadcast by 1).
+    if len(inp) != len(out):
+        return None
+    for i in dynamic:
+        if inp[i] != out[i]:
+            return None
+    return [1 if isinstance(d, str) else d for d in out]
+
+
+def fold_static_shapes(model: ModelProto, rounds: int = 4) -> ModelProto:
+    """Replace computed Reshape/Expand targets that are static except the batch axis by constants.
+
+    Repeats shape inference after each round, since a folded target makes later shapes known.
+    """
+    for _ in range(rounds):
+        inferred = infer_shapes(model)
+        if not _fold_targets(model.graph, inferred.graph, None, {}):
+            break
+        dead_code_elimination(model)
+    return model
+
+
+def _fold_targets(
+    graph: GraphProto, inferred: GraphProto, outer: dict[str, onnx.TypeProto] | None, outer_values: dict[str, Partial]
+) -> int:
+    types = _value_types(inferred, outer)
+    values = _partial_values(graph, types, outer_values)
+    constants = {i.name for i in graph.initializer}
+    replaced = 0
+    for index, node in enumerate(graph.node):
+        for sub, sub_inferred in zip(_subgraphs(node), _subgraphs(inferred.node[index]), strict=True):
+            replaced += _fold_targets(sub, sub_inferred, types, values)
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
+            continue
+        target = _static_target(node, types, values)
+        if target is None:
+            continue
+        name = f"{node.output[0]}__static_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        constants.add(name)
+        node.input[1] = name
+        replaced += 1
+    return replaced
+
+
+def _used_names(graph: GraphProto) -> set[str]:
+    """Every name a graph's nodes read, including outer-scope names read inside subgraphs."""
+    used = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for sub in _subgraphs(node):
+            used |= _used_names(sub)
+    return used
+
+
+def dead_code_elimination(model: ModelProto) -> ModelProto:
+    """Drop nodes and initializers nothing reads (graph outputs and subgraph reads count as reads)."""
+    _dce(model.graph)
+    return model
+
+
+def _dce(graph: GraphProto, keep: set[str] | None = None) -> None:
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _dce(sub, {o.name for o in sub.output})
+    needed = {o.name for o in graph.output} | (keep or set())
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output) or node.op_type == "Loop" and not node.output:
+            kept.append(node)
+            needed.update(n for n in node.input if n)
+            for sub in _subgraphs(node):
+                needed |= _used_names(sub)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def weight_only_nodes(model: ModelProto) -> list[str]:
+    """``graph/node (op)`` for every node whose inputs are all constants (work that only depends on weights).
+
+    ``Constant`` nodes themselves and nodes without inputs are not counted; inside a ``Loop`` body the
+    loop-invariant constants of the outer graph count as constants, loop inputs do not.
+    """
+    found: list[str] = []
+    _weight_only(model.graph, set(), "main", found)
+    return found
+
+
+def _weight_only(graph: GraphProto, outer_constants: set[str], path: str, found: list[str]) -> None:
+    constants = set(outer_constants) | {i.name for i in graph.initializer}
+    constants -= {i.name for i in graph.input}
+    for node in graph.node:
+        inputs = [n for n in node.input if n]
+        if node.op_type == "Constant":
+            constants.update(node.output)
+            continue
+        for sub in _subgraphs(node):
+            _weight_only(sub, constants, f"{path}/{node.name or node.op_type}", found)
+        if node.op_type == "Loop":
+            continue
+        if inputs and all(n in constants for n in inputs):
+            found.append(f"{path}/{node.name or node.output[0]} ({node.op_type})")
+            constants.update(node.output)
+
+
+def fold_weight_only(model: ModelProto) -> int:
+    """Evaluate top-level weight-only nodes once (with ONNX Runtime) and store their results as initializers."""
+    graph = model.graph
+    constants = {i.name: i for i in graph.initializer}
+    folded = 0
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        inputs = [n for n in node.input if n]
+        if node.op_type != "Constant" and inputs and all(n in constants for n in inputs) and not list(_subgraphs(node)):
+            values = _evaluate(node, [constants[n] for n in inputs], model)
+            if values is not None:
+                for name, value in zip(node.output, values, strict=True):
+                    tensor = numpy_helper.from_array(value, name)
+                    graph.initializer.append(tensor)
+                    constants[name] = tensor
+                folded += 1
+                continue
+        nodes.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        dead_code_elimination(model)
+    return folded
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list[TensorProto], model: ModelProto) -> list[np.ndarray] | None:
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        sub = helper.make_graph(
+            [node],
+            "fold",
+            [],
+            [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output],
+            initializer=inputs,
+        )
+        evaluator = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import))
+        return [np.asarray(v) for v in evaluator.run(None, {})]
+    except Exception:  # an op the reference evaluator lacks: leave it to the runtime
+        return None
+
+
+def optimize_graph(model: ModelProto) -> ModelProto:
+    """The exporter's post-trace passes: fold weight-only nodes, static shapes, dead code."""
+    fold_weight_only(model)
+    fold_static_shapes(model)
+    dead_code_elimination(model)
+    return model
