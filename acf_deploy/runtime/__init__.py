@@ -14,7 +14,7 @@ def open_backend(name: str, artifact: Artifact, threads: int | None = None) -> B
     if name == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(artifact)
+        return TorchBackend(artifact, threads=threads)
     if name in ("ort", "ort-cuda", "ort-trt"):
         from .ort_backend import OrtBackend
 
