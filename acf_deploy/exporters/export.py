@@ -32,6 +32,15 @@ from ..report import block_report, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
+from .precision import (
+    HALF_PRECISIONS,
+    PRECISIONS,
+    finalize_graph,
+    float_tensor_types,
+    graph_opset,
+    half_fraction,
+    mixed_precision_flow,
+)
 
 GOLDEN = "golden.npz"
 CHECKPOINT_DIR = "checkpoint"
@@ -65,8 +74,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise BadInput(f"--inverse must be loop or unroll, not {opts.inverse!r}")
     if opts.iters not in ("calibrated", "certified") and not str(opts.iters).isdigit():
         raise BadInput(f"--iters must be calibrated, certified or a positive integer, not {opts.iters!r}")
-    if opts.precision not in ("fp32",):
-        raise BadInput(f"--precision {opts.precision} is not supported by this exporter yet; use fp32")
+    if opts.precision not in PRECISIONS:
+        raise BadInput(f"--precision must be one of {', '.join(PRECISIONS)}, not {opts.precision!r}")
     if not 15 <= opts.opset <= 21:
         raise BadInput(f"--opset {opts.opset} is out of range; use 15..21")
     if opts.terms < 1 or opts.probes < 1 or opts.tol <= 0:
@@ -103,9 +112,11 @@ def export_artifact(
     say("tracing graphs")
     t0 = time.perf_counter()
     example_x, example_z = data_x[:2], prior_z[:2]
-    density = export_density(flow, mode, opts.terms, opts.probes, example_x, opts.opset)
+    graph_flow = mixed_precision_flow(flow, opts.precision)  # the flow itself at fp32
+    density = export_density(graph_flow, mode, opts.terms, opts.probes, example_x, opts.opset)
     exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
-    sample = exporter(flow, counts, example_z, opts.opset)
+    sample = exporter(graph_flow, counts, example_z, opts.opset)
+    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))
     if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
         raise BadInput(
             f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
@@ -136,7 +147,12 @@ def export_artifact(
         write_json(tmp / MANIFEST, manifest)
         say("verifying the export on ONNX Runtime")
         artifact = Artifact(root=tmp, manifest=manifest)
-        verify_export(artifact)
+        verification = verify_export(artifact)
+        manifest["verified"] = verification["status"] == "verified"
+        manifest["verification"] = verification
+        write_json(tmp / MANIFEST, manifest)  # the manifest hashes the other files, not itself
+        if not manifest["verified"]:
+            say(f"unverified: {verification['reason']}")
     return Artifact(root=Path(out_dir), manifest=manifest)
 
 
@@ -256,7 +272,8 @@ def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, densi
         "n_levels": flow.n_levels,
         "batch_axis": BATCH,
         "precision": opts.precision,
-        "opset": opts.opset,
+        "precision_detail": _precision_detail(opts.precision, sample, density),
+        "opset": graph_opset(density),  # bf16 raises it to 22 (bfloat16 Conv)
         "logdet": logdet,
         "inverse": {"mode": opts.inverse, "iters": str(opts.iters), "tol": opts.tol, "max_lipschitz": lmax},
         "iterations": {
@@ -293,8 +310,52 @@ def _count_nodes(graph: onnx.GraphProto) -> int:
     return total
 
 
-def verify_export(artifact: Artifact) -> None:
-    """Loads in ONNX Runtime, is not empty, has the declared IO, and matches the golden outputs."""
+HALF_PARTS = (
+    "residual branches g and their JVPs",
+    "fixed-point iterations (the loop-carried x and y)",
+    "coupling networks",
+)
+FP32_ISLANDS = (
+    "graph inputs and outputs",
+    "the highway between layers (y = x + g(x) adds the half g(x) cast to fp32)",
+    "LU of I + J, log-det terms and their accumulation",
+    "series products v^T J^k v",
+    "logit transform and its log-det",
+    "ActNorm, Squeeze, invertible 1x1 convolutions",
+    "prior log-density, bits/dim, fixed-point step norms and the residual output",
+)
+
+
+def _precision_detail(precision: str, sample: onnx.ModelProto, density: onnx.ModelProto) -> dict[str, Any]:
+    """Which tensors are half, for the manifest (DESIGN 5: never silently fp32)."""
+    graphs = {"sample": sample, "density": density}
+    detail: dict[str, Any] = {
+        "io_dtype": "float32",
+        "float_tensors": {name: float_tensor_types(model) for name, model in graphs.items()},
+    }
+    if precision in HALF_PRECISIONS:
+        fractions = {name: half_fraction(model) for name, model in graphs.items()}
+        empty = [name for name, value in fractions.items() if value == 0.0]
+        if empty:
+            raise CheckFailed(f"{' and '.join(empty)} has no {precision} tensors: the export would be silently fp32")
+        detail.update(
+            compute_dtype={"fp16": "float16", "bf16": "bfloat16"}[precision],
+            half_tensor_fraction=fractions,
+            half_parts=list(HALF_PARTS),
+            fp32_islands=list(FP32_ISLANDS),
+        )
+    return detail
+
+
+def verify_export(artifact: Artifact) -> dict[str, Any]:
+    """Loads in ONNX Runtime, is not empty, has the declared IO, and matches the golden outputs.
+
+    Returns the manifest's ``verification`` record. Raises :class:`CheckFailed` when the export is
+    wrong; a precision ONNX Runtime (CPU) cannot run comes back ``"unverified"`` with the reason, and
+    its numbers from per-op rounding emulation, which must still be within the precision's limit.
+    """
+    import onnxruntime
+
     from ..runtime.ort_backend import OrtBackend
     from ..runtime.parity import compare_golden
 
@@ -306,10 +367,25 @@ def verify_export(artifact: Artifact) -> None:
         found = [i.name for i in model.graph.input]
         if found != expected:
             raise CheckFailed(f"{graph}.onnx has inputs {found}, expected {expected}")
-    with OrtBackend(artifact) as backend:
+    precision = artifact.manifest.get("precision", "fp32")
+    runtime = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
+    record: dict[str, Any] = {"runtime": runtime, "against": "golden (fp32 PyTorch)", "precision": precision}
+    with OrtBackend(artifact) as backend:  # half graphs: per-op rounding emulated on the CPU provider
         result = compare_golden(artifact, backend)
-    if not result.passed:
+        runs_natively = backend.unverified_reason is None
+    record.update(metrics=result.metrics, limits=result.limits, method=result.note or "graph run as exported")
+    if result.status == "failed":
         raise CheckFailed(f"export does not match PyTorch on the golden batch: {result.summary()}")
+    if precision in HALF_PRECISIONS and runs_natively:
+        # The half graph as exported: on the CPU provider this proves it loads and runs, not its accuracy.
+        with OrtBackend(artifact, emulate=False) as native:
+            unemulated = compare_golden(artifact, native)
+        if unemulated.metrics["nonfinite"]:
+            raise CheckFailed(f"the {precision} graph gives non-finite outputs on ONNX Runtime")
+        record["native_metrics"] = unemulated.metrics
+    record["status"] = "verified" if result.status == "passed" else "unverified"
+    record["reason"] = None if result.status == "passed" else result.failures[0]
+    return record
 
 
 def iterations_note(manifest: dict[str, Any]) -> str:

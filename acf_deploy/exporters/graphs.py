@@ -23,6 +23,11 @@ from ..flows.flow import Flow
 
 Tensor = torch.Tensor
 BATCH = "batch"
+_ONNX_TYPES = {
+    torch.float32: TensorProto.FLOAT,
+    torch.float16: TensorProto.FLOAT16,
+    torch.bfloat16: TensorProto.BFLOAT16,
+}
 
 
 class DensityGraph(nn.Module):
@@ -208,8 +213,15 @@ def _inline(nodes: list, inits: list, model: onnx.ModelProto, prefix: str, renam
     inits.extend(graph.initializer)
 
 
-def _loop_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int) -> onnx.GraphProto:
-    """Body ``(iter, cond, x, step) -> (cond, y - g(x), ||x_new - x||)``, reading ``y`` from the outer scope."""
+def _loop_body(
+    step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int, step_dtype: int | None = None
+) -> onnx.GraphProto:
+    """Body ``(iter, cond, x, step) -> (cond, y - g(x), ||x_new - x||)``, reading ``y`` from the outer scope.
+
+    ``dtype`` is the type of the loop-carried ``x`` (half in reduced-precision exports), ``step_dtype``
+    that of the step norm (fp32 there; ``dtype`` by default).
+    """
+    step_dtype = dtype if step_dtype is None else step_dtype
     nodes: list = []
     inits: list = []
     x_in, d_in = f"{prefix}x_in", f"{prefix}step_in"
@@ -223,12 +235,12 @@ def _loop_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, 
             helper.make_tensor_value_info(f"{prefix}iter", TensorProto.INT64, []),
             helper.make_tensor_value_info(f"{prefix}cond_in", TensorProto.BOOL, []),
             helper.make_tensor_value_info(x_in, dtype, shape_x),
-            helper.make_tensor_value_info(d_in, dtype, [BATCH]),
+            helper.make_tensor_value_info(d_in, step_dtype, [BATCH]),
         ],
         [
             helper.make_tensor_value_info(f"{prefix}cond_out", TensorProto.BOOL, []),
             helper.make_tensor_value_info(x_out, dtype, shape_x),
-            helper.make_tensor_value_info(d_out, dtype, [BATCH]),
+            helper.make_tensor_value_info(d_out, step_dtype, [BATCH]),
         ],
         initializer=inits,
     )
@@ -282,22 +294,33 @@ def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, op
         h = flush(h)
         block_index -= 1
         prefix = f"block{block_index}/"
+        # Reduced-precision blocks iterate in their compute dtype: y is cast once, x is carried in it.
+        compute = getattr(layer, "compute_dtype", h.dtype)
+        x_dtype = _ONNX_TYPES[compute]
+        h_compute = h.to(compute)
         step = _export(
             _Fn(layer.inverse_step, layer),
-            (h, h),
+            (h_compute, h_compute),
             ["x", "y"],
             ["x_new", "step"],
             _axes("x", "y", "x_new", "step"),
             opset,
         )
-        body = _loop_body(step, prefix, current, [BATCH, *h.shape[1:]], dtype)
+        y = current
+        if x_dtype != dtype:
+            y = f"{prefix}y"
+            nodes.append(helper.make_node("Cast", [current], [y], to=x_dtype, name=f"{prefix}cast_in"))
+        body = _loop_body(step, prefix, y, [BATCH, *h.shape[1:]], x_dtype, dtype)
         trip, step0 = f"{prefix}trip_count", f"{prefix}step0"
         inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [counts[block_index]]))
         nodes += _zeros_per_sample(current, step0, prefix, dtype)
         out_x, out_step = f"{prefix}x", f"{prefix}step"
+        loop_x = out_x if x_dtype == dtype else f"{prefix}x_loop"
         nodes.append(
-            helper.make_node("Loop", [trip, "", current, step0], [out_x, out_step], body=body, name=f"{prefix}loop")
+            helper.make_node("Loop", [trip, "", y, step0], [loop_x, out_step], body=body, name=f"{prefix}loop")
         )
+        if loop_x != out_x:
+            nodes.append(helper.make_node("Cast", [loop_x], [out_x], to=dtype, name=f"{prefix}cast_out"))
         steps.append(out_step)
         current = out_x
 

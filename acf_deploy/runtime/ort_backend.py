@@ -43,9 +43,25 @@ class OrtBackend(Backend):
 
     name = "ort"
 
+    #: Set when this backend's numbers cannot verify the artifact's precision (see runtime.parity).
+    unverified_reason: str | None = None
+    #: How the numbers were produced, when that is not simply "the graph ran".
+    precision_note: str | None = None
+
     def __init__(
-        self, artifact: Artifact, device: str = "cpu", threads: int | None = None, graphs=("sample", "density")
+        self,
+        artifact: Artifact,
+        device: str = "cpu",
+        threads: int | None = None,
+        graphs=("sample", "density"),
+        emulate: bool | None = None,
     ):
+        """``emulate``: run fp16/bf16 graphs as fp32 graphs with per-op rounding (runtime/emulate.py).
+
+        ``None`` (the default) emulates on the CPU execution provider, which otherwise computes half
+        nodes in fp32 (fp16) or has no kernels for them (bf16); the half graph itself is still loaded
+        once to find out whether this runtime can run it at all.
+        """
         super().__init__(artifact)
         ort = _ort()
         wanted = PROVIDERS.get(device)
@@ -58,13 +74,28 @@ class OrtBackend(Backend):
             )
         providers = [p for p in wanted if p in available]
         options = session_options(threads)
+        precision = artifact.manifest.get("precision", "fp32")
+        half = precision in ("fp16", "bf16")
+        self.emulated = bool(half and (device == "cpu" if emulate is None else emulate))
         self.sessions = {}
         for graph in graphs:
             path = artifact.verify_file(artifact.manifest["graphs"][graph]["file"])
+            if self.emulated:
+                native = _native_failure(ort, path, options, providers)
+                if native and not self.unverified_reason:
+                    self.unverified_reason = (
+                        f"ONNX Runtime {ort.__version__} ({providers[0]}) cannot run the {precision} graph: {native}"
+                    )
             try:
-                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+                source = _emulated_bytes(path) if self.emulated else str(path)
+                self.sessions[graph] = ort.InferenceSession(source, options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise BadInput(f"{path} cannot be loaded by ONNX Runtime: {str(exc).splitlines()[0][:160]}") from None
+        if self.emulated:
+            self.precision_note = (
+                f"{precision} rounding after every op emulated in fp32 (the {providers[0]} computes half nodes in "
+                "fp32, which would overstate their accuracy)"
+            )
 
     def sample(self, z: np.ndarray, temperature: float = 1.0) -> Arrays:
         feeds = {"z": np.ascontiguousarray(z, dtype=np.float32), "temperature": np.array([temperature], np.float32)}
@@ -83,3 +114,20 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.sessions.clear()
+
+
+def _emulated_bytes(path) -> bytes:
+    import onnx
+
+    from .emulate import emulate_rounding
+
+    return emulate_rounding(onnx.load(str(path))).SerializeToString()
+
+
+def _native_failure(ort, path, options, providers) -> str | None:
+    """``None`` if ONNX Runtime can create a session for the graph as exported, else its first error line."""
+    try:
+        ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot run it"
+        return str(exc).splitlines()[0][:200]
+    return None
