@@ -163,8 +163,10 @@ def export(
     inverse: str = typer.Option("loop", help="loop | unroll: how fixed-point iterations appear in sample.onnx."),
     iters: str = typer.Option("calibrated", help="calibrated | certified | N iterations per block."),
     tol: float = typer.Option(1e-5, help="Per-block fixed-point tolerance (max-abs)."),
-    precision: str = typer.Option("fp32", help="fp32 (fp16/bf16: see README)."),
-    opset: int = typer.Option(17),
+    precision: str = typer.Option(
+        "fp32", help="fp32 | fp16 | bf16: half exports cast explicitly, with fp32 islands (LU, log-dets, sums)."
+    ),
+    opset: int = typer.Option(17, help="ONNX opset (bf16 raises it to 22, the first with bfloat16 Conv)."),
     seed: int = typer.Option(0),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
@@ -191,6 +193,10 @@ def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "roundtrip": manifest["roundtrip"],
         "export_seconds": manifest["export_timings"]["total_s"],
         "max_safe_batch": manifest["max_safe_batch"],
+        "precision": manifest.get("precision", "fp32"),
+        "half_tensor_fraction": manifest.get("precision_detail", {}).get("half_tensor_fraction"),
+        "verified": manifest.get("verified", True),
+        "verification": manifest.get("verification"),
     }
 
 
@@ -205,6 +211,12 @@ def render_export(root: Path, summary: dict[str, Any]) -> None:
         f"certified {it['certified_total']}; nodes: sample {summary['nodes']['sample']}, "
         f"density {summary['nodes']['density']}"
     )
+    verification = summary.get("verification") or {}
+    if summary.get("half_tensor_fraction"):
+        shares = ", ".join(f"{g} {v:.0%}" for g, v in summary["half_tensor_fraction"].items())
+        out.print(f"precision {summary['precision']}: half tensors {shares}; {verification.get('method', '')}")
+    if not summary.get("verified", True):
+        out.print(f"[yellow]UNVERIFIED[/yellow]: {escape(str(verification.get('reason')))}")
 
 
 @app.command()
@@ -220,7 +232,7 @@ def check(
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Parity of a backend against PyTorch or golden.npz: errors per output, bits/dim, round trips."""
-    from .errors import BadInput, CheckFailed
+    from .errors import BackendUnavailable, BadInput, CheckFailed
     from .runtime import open_backend
     from .runtime.parity import compare_backends, compare_golden
 
@@ -239,13 +251,21 @@ def check(
         print_json(result.to_json())
     else:
         render_check(result)
+    if result.status == "unverified":
+        # Not passed, not failed: this backend cannot run the artifact's precision (exit 3).
+        raise BackendUnavailable(result.summary())
     if not result.passed:
         raise CheckFailed(f"check failed: {result.summary()}")
 
 
-def render_check(result) -> None:
-    from .runtime.parity import LIMITS
+def _ok_cell(passed: bool, precision: str) -> str:
+    """Per-output tolerances bind at fp32 only; at half precision they are reported, not judged."""
+    if precision != "fp32":
+        return "[dim]n/a[/dim]"
+    return "[green]yes[/green]" if passed else "[red]no[/red]"
 
+
+def render_check(result) -> None:
     table = Table(title=f"{result.backend} vs {result.against} ({result.n} inputs)")
     for column in ("output", "max abs", "mean abs", "p99 abs", "max rel", "atol needed", "ok"):
         table.add_column(column)
@@ -257,16 +277,23 @@ def render_check(result) -> None:
             f"{o.p99_abs:.2e}",
             f"{o.max_rel:.2e}",
             f"{o.atol_needed:.2e}",
-            "[green]yes[/green]" if o.passed else "[red]no[/red]",
+            _ok_cell(o.passed, result.precision),
         )
     out.print(table)
-    metrics = Table(title="metrics (DESIGN 5 limits)")
+    metrics = Table(title=f"metrics (DESIGN 5 limits, {result.precision})")
     for column in ("metric", "value", "limit"):
         metrics.add_column(column)
     for key, value in result.metrics.items():
-        metrics.add_row(key, f"{value:.4g}", f"{LIMITS[key]:g}" if key in LIMITS else "")
+        metrics.add_row(key, f"{value:.4g}", f"{result.limits[key]:g}" if key in result.limits else "")
     out.print(metrics)
-    verdict = "[green]PASSED[/green]" if result.passed else f"[red]FAILED[/red]: {result.summary()}"
+    if result.note:
+        out.print(f"note: {escape(result.note)}")
+    if result.status == "unverified":
+        verdict = f"[yellow]UNVERIFIED[/yellow] (not passed): {escape('; '.join(result.failures))}"
+    elif result.passed:
+        verdict = "[green]PASSED[/green]"
+    else:
+        verdict = f"[red]FAILED[/red]: {escape(result.summary())}"
     out.print(verdict)
 
 
