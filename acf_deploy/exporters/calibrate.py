@@ -175,7 +175,9 @@ def calibrate(
         floors.append(floor)
         oracle.append(oracle_block_counts(block, y, truth, tol, min(max_iters, max(cap, 1))))
     n_data = 0 if data_x is None else len(data_x)
-    return Calibration(certified, calibrated, radii, kinds, errors, floors, Oracle(torch.stack(oracle, 1), n_data))
+    n_rows = n_data + (0 if prior_z is None else len(prior_z))
+    counts = torch.stack(oracle, 1) if oracle else torch.zeros(n_rows, 0, dtype=torch.long)  # no residual block
+    return Calibration(certified, calibrated, radii, kinds, errors, floors, Oracle(counts, n_data))
 
 
 @torch.no_grad()
