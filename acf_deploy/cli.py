@@ -458,18 +458,19 @@ def inspect(
 def render_inspect(report: dict[str, Any]) -> None:
     for name, graph in report["graphs"].items():
         ops = ", ".join(f"{op} {count}" for op, count in list(graph["ops"].items())[:12])
-        out.print(f"[bold]{name}[/bold]: {graph['nodes']} nodes (incl. loop bodies), opset {graph['opset']}")
-        out.print(f"  inputs: {graph['inputs']}\n  outputs: {graph['outputs']}\n  ops: {ops}")
+        out.print(f"[bold]{escape(name)}[/bold]: {graph['nodes']} nodes (incl. loop bodies), opset {graph['opset']}")
+        # shapes such as [batch, 2] are text, not rich markup
+        out.print(f"  inputs: {graph['inputs']}\n  outputs: {graph['outputs']}\n  ops: {ops}", markup=False)
     if "manifest" in report:
-        out.print(f"manifest: {json.dumps(report['manifest'])}")
+        out.print(f"manifest: {json.dumps(report['manifest'])}", markup=False)
     for name, issues in report.get("trt_lint", {}).items():
         if not issues:
             out.print(f"[green]TensorRT lint: {name} clean[/green]")
         for issue in issues:
             colour = "red" if issue["severity"] == "error" else "yellow"
             out.print(
-                f"[{colour}]{issue['severity']}[/{colour}] {name}:{issue['graph']}:{issue['node']} "
-                f"({issue['op_type']}): {issue['message']}",
+                f"[{colour}]{issue['severity']}[/{colour}] "
+                + escape(f"{name}:{issue['graph']}:{issue['node']} ({issue['op_type']}): {issue['message']}"),
                 highlight=False,
             )
 
