@@ -126,7 +126,16 @@ def default_shard_batches(n: int, batch: int, workers: int) -> int:
     return max(1, min(MAX_SHARD_BATCHES, math.ceil(n_batches / (4 * workers))))
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` where Linux has it (``ru_maxrss`` survives
+    ``exec`` and would report the parent's peak in a freshly started subprocess), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -166,7 +175,7 @@ class ShardWorker:
             out[start : start + len(chunk)] = score_batch(
                 self.backend, self.artifact, chunk, seed, shard.first_batch + k
             )
-        return shard.index, out, _peak_rss_mb()
+        return shard.index, out, peak_rss_mb()
 
     def sample(
         self, shard: Shard, temperature: float, seed: int, batch: int
@@ -179,7 +188,7 @@ class ShardWorker:
             x, res, bad = sample_batch(self.backend, self.artifact, size, temperature, seed, shard.first_batch + k)
             out[start : start + size] = x
             residual_max, nonfinite = max(residual_max, res), nonfinite + bad
-        return shard.index, out, residual_max, nonfinite, _peak_rss_mb()
+        return shard.index, out, residual_max, nonfinite, peak_rss_mb()
 
 
 def _ray():
@@ -366,7 +375,7 @@ def score_distributed(
         bpd = bits_per_dim(artifact, log_lik)
     if target is not None:
         log_lik = np.load(target, mmap_mode="r")
-    report.update(driver_peak_rss_mb=_peak_rss_mb(), worker_peak_rss_mb=worker_rss[0])
+    report.update(driver_peak_rss_mb=peak_rss_mb(), worker_peak_rss_mb=worker_rss[0])
     return log_lik, bpd, report
 
 
@@ -410,7 +419,7 @@ def sample_distributed(
         stats.update(_run_shards(ray, artifact, shards, options, submit, accept, on_progress))
         if npy is None:
             save_grid(np.asarray(store), target)
-    stats.update(driver_peak_rss_mb=_peak_rss_mb(), worker_peak_rss_mb=worker_rss[0])
+    stats.update(driver_peak_rss_mb=peak_rss_mb(), worker_peak_rss_mb=worker_rss[0])
     return stats
 
 
