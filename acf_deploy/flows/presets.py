@@ -23,7 +23,7 @@ PRESET_VERSION = 1
 
 _DIGITS = {"data": "digits", "data_shape": [1, 8, 8], "n_levels": 17, "logit_alpha": 0.05}
 _TRAIN = {
-    "epochs": 30,
+    "epochs": 16,
     "batch_size": 64,
     "lr": 2e-3,
     "warmup_steps": 100,
@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "blocks": 8,
         "hidden": 64,
         "coeff": 0.9,
-        "train": {**_TRAIN, "epochs": 20, "batch_size": 200, "lr": 5e-3, "train_size": 8000},
+        "train": {**_TRAIN, "epochs": 12, "batch_size": 200, "lr": 5e-3, "train_size": 8000},
     },
     "mnist-acf-l2": {
         "data": "mnist",
