@@ -493,6 +493,97 @@ def build(
         out.print(f"{graph}: {entry['file']} ({state})")
 
 
+def _csv(text: str, kind: type = str) -> list:
+    from .errors import BadInput
+
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInput(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+@app.command()
+@handle_errors
+def bench(
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
+    backends: str = typer.Option(
+        "torch,ort", help="Comma-separated: torch, ort, ort-cuda, ort-trt, trt, resflow (eager torch is always run)."
+    ),
+    batch: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
+    what: str = typer.Option("sample,density", help="sample and/or density."),
+    repeats: int = typer.Option(20, help="Timed rounds per cell (each round calls every backend once)."),
+    warmup: int = typer.Option(3, help="Untimed calls per backend before timing."),
+    threads: int | None = typer.Option(
+        None, help="Threads for every backend and the matmul peak (default: all cores)."
+    ),
+    max_seconds: float = typer.Option(
+        20.0, "--max-seconds", help="Stop a cell's rounds after this long (>= 3 rounds)."
+    ),
+    resflow_tol: float | None = typer.Option(
+        None, "--resflow-tol", help="Tolerance of the resflow baseline (default: loosest matching our round trip)."
+    ),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Time backends side by side: latency, samples/s, speed-up over eager PyTorch, FLOP/s vs matmul peak."""
+    from .runtime.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        backends=_csv(backends),
+        batches=_csv(batch, int),
+        what=_csv(what),
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        seed=seed,
+        max_seconds=max_seconds,
+        resflow_tol=resflow_tol,
+    )
+    artifact = _open(artifact_dir)
+    with console.status("benchmarking") as status:
+        report = run_bench(artifact, opts, log=lambda msg: status.update(msg))
+    if json_out:
+        print_json(report)
+    else:
+        render_bench(report)
+
+
+def render_bench(report: dict[str, Any]) -> None:
+    machine, art = report["machine"], report["artifact"]
+    out.print(
+        f"{art['preset']} ({art['inverse'].get('mode')} inverse, {sum(art['iterations']['per_block'])} iterations, "
+        f"log-det {art['logdet'].get('mode')}) on {machine['cpu']}, {machine['threads']} thread(s), "
+        f"fp32 matmul peak {machine['matmul_peak']['gflops']:.1f} GFLOP/s"
+    )
+    table = Table(title="acf-deploy bench")
+    for column in ("graph", "batch", "backend", "median ms", "p90 ms", "samples/s", "vs torch", "GFLOP/s", "% peak"):
+        table.add_column(column, justify="right")
+    for row in report["results"]:
+        speedup = row["speedup_vs_torch"]
+        table.add_row(
+            row["what"],
+            str(row["batch"]),
+            row["backend"],
+            f"{row['median_ms']:.3f}",
+            f"{row['p90_ms']:.3f}",
+            f"{row['samples_per_s']:.1f}",
+            "-" if speedup is None else f"{speedup:.2f}x",
+            "-" if row["gflops_per_s"] is None else f"{row['gflops_per_s']:.2f}",
+            "-" if row["peak_fraction"] is None else f"{100 * row['peak_fraction']:.1f}",
+        )
+    out.print(table)
+    if "resflow" in report:
+        search = report["resflow"].get("search") or {}
+        out.print(
+            f"resflow baseline: tol {report['resflow']['tol']:.1e}"
+            + (
+                f", round trip {search['roundtrip']:.2e} vs ours {search['ours_roundtrip']:.2e}"
+                if search
+                else " (given)"
+            )
+        )
+
+
 @app.command()
 @handle_errors
 def quickstart(
@@ -515,6 +606,54 @@ def quickstart(
         from .errors import CheckFailed
 
         raise CheckFailed("quickstart parity check failed")
+
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test claims, with pre-registered reports.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("paper")
+@handle_errors
+def experiment_paper(
+    budget: str = typer.Option(
+        "small", help="small (CI smoke test, about a minute) | full (about 70-90 min on 2 cores)."
+    ),
+    out_dir: Path = typer.Option(Path("experiments/paper"), "--out", help="Run directory; rerun to resume."),
+    seeds: int | None = typer.Option(None, help="Seeds per preset (budget default: full 5, small 2)."),
+    threads: int = typer.Option(1, help="torch threads; 2 on an otherwise idle 2-core machine."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Test the ACF paper's four claims on digits: 5 presets, one budget, paired seeds; writes REPORT.md."""
+    from .experiment import run_experiment
+
+    with progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "start":
+                tasks["runs"] = bar.add_task(f"experiment ({info['budget']})", total=info["total"], info="")
+            elif kind == "run":
+                label = f"  {info['preset']} seed {info['seed']}"
+                if "epochs" in tasks:
+                    bar.update(tasks["epochs"], description=label, total=info["epochs"], completed=0, info="")
+                else:
+                    tasks["epochs"] = bar.add_task(label, total=info["epochs"], info="")
+            elif kind == "epoch":
+                bar.update(tasks["epochs"], completed=info["epoch"], info=f"bits/dim {info['bpd']:.3f}")
+            elif kind == "run_done":
+                bar.update(tasks["runs"], completed=info["index"], info=f"last {info['heldout_bpd']:.3f}")
+
+        summary = run_experiment(budget, out_dir, seeds=seeds, threads=threads, on_event=on_event)
+    if json_out:
+        print_json({"report": str(summary["report"]), "verdicts": summary["verdicts"]})
+        return
+    table = Table(title=f"ACF claims on digits ({budget} budget)")
+    table.add_column("claim")
+    table.add_column("verdict")
+    for claim, verdict in summary["verdicts"].items():
+        table.add_row(claim, verdict)
+    out.print(table)
+    out.print(f"report: {summary['report']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

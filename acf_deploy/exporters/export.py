@@ -32,6 +32,7 @@ from ..report import block_report, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
+from .optimize import optimize_graph
 from .precision import (
     HALF_PRECISIONS,
     PRECISIONS,
@@ -117,6 +118,7 @@ def export_artifact(
     exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
     sample = exporter(graph_flow, counts, example_z, opts.opset)
     density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))
+    density, sample = (optimize_graph(model) for model in (density, sample))  # fold static shapes, dead code
     if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
         raise BadInput(
             f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
@@ -139,6 +141,8 @@ def export_artifact(
             "certified": roundtrip_errors(flow, cal.certified, data_x, prior_z),
             "exported": roundtrip_errors(flow, counts, data_x, prior_z),
         }
+        if cal.oracle is not None and cal.oracle.counts.shape[1]:
+            manifest["roundtrip"]["oracle"] = roundtrip_errors(flow, cal.oracle, data_x, prior_z)
         manifest["files"] = {
             p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
@@ -280,6 +284,7 @@ def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, densi
             "certified_total": sum(cal.certified),
             "calibrated_total": sum(cal.calibrated),
             "exported_total": sum(counts),
+            **(cal.oracle.summary() if cal.oracle is not None else {}),
         },
         "graphs": {
             "sample": {"file": "sample.onnx", **_io_spec(sample), "nodes": _count_nodes(sample.graph)},

@@ -246,6 +246,29 @@ def _loop_body(
     )
 
 
+def _iterate_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int) -> onnx.GraphProto:
+    """Body ``(iter, cond, x) -> (cond, y - g(x))``, reading ``y`` from the outer scope."""
+    nodes: list = []
+    inits: list = []
+    x_in, x_out = f"{prefix}x_in", f"{prefix}x_out"
+    _inline(nodes, inits, step, prefix, {"x": x_in, "y": outer_y, "x_new": x_out})
+    nodes.append(helper.make_node("Identity", [f"{prefix}cond_in"], [f"{prefix}cond_out"]))
+    return helper.make_graph(
+        nodes,
+        f"{prefix}body",
+        [
+            helper.make_tensor_value_info(f"{prefix}iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info(f"{prefix}cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(x_in, dtype, shape_x),
+        ],
+        [
+            helper.make_tensor_value_info(f"{prefix}cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info(x_out, dtype, shape_x),
+        ],
+        initializer=inits,
+    )
+
+
 def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
     """Sampling graph with one ONNX ``Loop`` per residual block, stitched from traced pieces."""
     dtype = TensorProto.FLOAT
@@ -298,6 +321,8 @@ def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, op
         compute = getattr(layer, "compute_dtype", h.dtype)
         x_dtype = _ONNX_TYPES[compute]
         h_compute = h.to(compute)
+        # The Loop runs n - 1 plain steps ``x <- y - g(x)``; the last step, outside it, also gives the step
+        # norm, so no iteration computes a norm nobody reads.
         step = _export(
             _Fn(layer.inverse_step, layer),
             (h_compute, h_compute),
@@ -310,17 +335,30 @@ def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, op
         if x_dtype != dtype:
             y = f"{prefix}y"
             nodes.append(helper.make_node("Cast", [current], [y], to=x_dtype, name=f"{prefix}cast_in"))
-        body = _loop_body(step, prefix, y, [BATCH, *h.shape[1:]], x_dtype, dtype)
-        trip, step0 = f"{prefix}trip_count", f"{prefix}step0"
-        inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [counts[block_index]]))
-        nodes += _zeros_per_sample(current, step0, prefix, dtype)
+        n_iter = counts[block_index]
         out_x, out_step = f"{prefix}x", f"{prefix}step"
-        loop_x = out_x if x_dtype == dtype else f"{prefix}x_loop"
-        nodes.append(
-            helper.make_node("Loop", [trip, "", y, step0], [loop_x, out_step], body=body, name=f"{prefix}loop")
-        )
-        if loop_x != out_x:
-            nodes.append(helper.make_node("Cast", [loop_x], [out_x], to=dtype, name=f"{prefix}cast_out"))
+        final_x = out_x if x_dtype == dtype else f"{prefix}x_last"
+        x_start = y
+        if n_iter > 1:
+            plain_step = _export(
+                _Fn(lambda x, y, layer=layer: (layer.inverse_step(x, y)[0],), layer),
+                (h_compute, h_compute),
+                ["x", "y"],
+                ["x_new"],
+                _axes("x", "y", "x_new"),
+                opset,
+            )
+            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], x_dtype)
+            trip, x_start = f"{prefix}trip_count", f"{prefix}x_loop"
+            inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_iter - 1]))
+            nodes.append(helper.make_node("Loop", [trip, "", y], [x_start], body=body, name=f"{prefix}loop"))
+        if n_iter >= 1:
+            _inline(nodes, inits, step, f"{prefix}last/", {"x": x_start, "y": y, "x_new": final_x, "step": out_step})
+        else:
+            nodes.append(helper.make_node("Identity", [y], [final_x]))
+            nodes += _zeros_per_sample(current, out_step, prefix, dtype)
+        if final_x != out_x:
+            nodes.append(helper.make_node("Cast", [final_x], [out_x], to=dtype, name=f"{prefix}cast_out"))
         steps.append(out_step)
         current = out_x
 

@@ -24,12 +24,14 @@ import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper, shape_inference
 
 __all__ = [
+    "constants_to_initializers",
     "count_nodes",
     "dead_code_elimination",
     "fold_static_shapes",
     "fold_weight_only",
     "infer_shapes",
     "optimize_graph",
+    "share_initializers",
     "weight_only_nodes",
 ]
 
@@ -63,7 +65,8 @@ def infer_shapes(model: ModelProto, batch: int | None = None) -> ModelProto:
             dims = value.type.tensor_type.shape.dim
             if dims and dims[0].dim_param:
                 dims[0].dim_value = batch
-    for _ in range(4):
+    _carry_loop_shapes(model.graph)  # declared body outputs give the loop outputs' shapes up front
+    for _ in range(16):
         model = shape_inference.infer_shapes(model, data_prop=True)
         if not _carry_loop_shapes(model.graph):
             break
@@ -97,10 +100,13 @@ def _carry_loop_shapes(graph: GraphProto, outer: dict[str, onnx.TypeProto] | Non
         if node.op_type != "Loop":
             continue
         carried_in = list(node.input[2:])
-        for name_in, name_out in zip(carried_in, node.output[: len(carried_in)], strict=False):
-            if not _known(types.get(name_out)) and _known(types.get(name_in)):
-                graph.value_info.append(onnx.ValueInfoProto(name=name_out, type=types[name_in]))
-                types[name_out] = types[name_in]
+        body = next(_subgraphs(node))
+        declared = [o.type for o in body.output[1 : 1 + len(carried_in)]]  # after the condition
+        for name_in, name_out, body_type in zip(carried_in, node.output, declared, strict=False):
+            source = body_type if _known(body_type) else types.get(name_in)
+            if not _known(types.get(name_out)) and _known(source):
+                graph.value_info.append(onnx.ValueInfoProto(name=name_out, type=source))
+                types[name_out] = source
                 added = True
     return added
 
@@ -234,7 +240,7 @@ def _static_target(
     return [1 if isinstance(d, str) else d for d in out]
 
 
-def fold_static_shapes(model: ModelProto, rounds: int = 4) -> ModelProto:
+def fold_static_shapes(model: ModelProto, rounds: int = 8) -> ModelProto:
     """Replace computed Reshape/Expand targets that are static except the batch axis by constants.
 
     Repeats shape inference after each round, since a folded target makes later shapes known.
@@ -376,9 +382,91 @@ def _evaluate(node: onnx.NodeProto, inputs: list[TensorProto], model: ModelProto
         return None
 
 
+def constants_to_initializers(model: ModelProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers of the graph they are in."""
+    moved = 0
+
+    def visit(g: GraphProto) -> None:
+        nonlocal moved
+        kept = []
+        for node in g.node:
+            for sub in _subgraphs(node):
+                visit(sub)
+            value = (
+                next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+            )
+            if value is None:
+                kept.append(node)
+                continue
+            tensor = TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            g.initializer.append(tensor)
+            moved += 1
+        del g.node[:]
+        g.node.extend(kept)
+
+    visit(model.graph)
+    return moved
+
+
+def share_initializers(model: ModelProto) -> int:
+    """Hoist ``Loop``-body initializers to the main graph and store identical tensors once.
+
+    Traced pieces carry their own copy of a block's weights (the loop body and the final step read
+    the same ones); bodies read outer-scope values, so one copy serves both. Returns the number of
+    duplicates removed.
+    """
+    graph = model.graph
+    constants_to_initializers(model)
+    names = {i.name for i in graph.initializer}
+
+    def hoist(g: GraphProto) -> None:
+        for node in g.node:
+            for sub in _subgraphs(node):
+                hoist(sub)
+                local = {i.name for i in sub.input}
+                keep = []
+                for init in sub.initializer:
+                    if init.name in names or init.name in local:
+                        keep.append(init)
+                    else:
+                        graph.initializer.append(init)
+                        names.add(init.name)
+                del sub.initializer[:]
+                sub.initializer.extend(keep)
+
+    hoist(graph)
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not rename:
+        return 0
+    protected = {i.name for i in graph.input} | {o.name for o in graph.output}
+    rename = {k: v for k, v in rename.items() if k not in protected}
+
+    def apply(g: GraphProto) -> None:
+        for node in g.node:
+            node.input[:] = [rename.get(n, n) for n in node.input]
+            for sub in _subgraphs(node):
+                apply(sub)
+
+    apply(graph)
+    kept = [i for i in graph.initializer if i.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(rename)
+
+
 def optimize_graph(model: ModelProto) -> ModelProto:
-    """The exporter's post-trace passes: fold weight-only nodes, static shapes, dead code."""
+    """The exporter's post-trace passes: fold weight-only nodes, static shapes, shared weights, dead code."""
     fold_weight_only(model)
     fold_static_shapes(model)
+    share_initializers(model)
     dead_code_elimination(model)
     return model

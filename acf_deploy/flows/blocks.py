@@ -181,11 +181,16 @@ class ResidualBlock(nn.Module):
         return x_new, (x_new - x).flatten(1).norm(dim=1)
 
     def inverse(self, y: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
-        """``n_iter`` fixed-point iterations from ``x0 = y``; returns ``(x, last step size)``."""
-        x, step = y, y.new_zeros(y.shape[0])
-        for _ in range(n_iter):
-            x, step = self.inverse_step(x, y)
-        return x, step
+        """``n_iter`` fixed-point iterations from ``x0 = y``; returns ``(x, last step size)``.
+
+        Only the last iteration computes the step norm (the others would compute it for nobody).
+        """
+        if n_iter < 1:
+            return y, y.new_zeros(y.shape[0])
+        x = y
+        for _ in range(n_iter - 1):
+            x = y - self.g(x)
+        return self.inverse_step(x, y)
 
     def bake(self) -> None:
         self.g.bake()

@@ -1,0 +1,613 @@
+r"""Side-by-side benchmarks of the exported graphs against eager PyTorch (issue 5).
+
+Every (graph, batch) cell feeds the *same* seeded inputs to every backend and times them
+round-robin (one call of each backend per round), so that load from other processes hits all
+of them alike. Per cell and backend it reports median and p90 wall-clock latency, the median
+process CPU time, samples/s, the speed-up over eager PyTorch measured in the same rounds, and the
+graph's achieved FLOP/s as a fraction of this machine's fp32 matmul peak.
+
+* **FLOPs** are counted from the ONNX graph itself (:func:`graph_flops`): ``2 m n k`` per MatMul /
+  Gemm, ``2 * outputs * (C_in / groups) * kernel`` per Conv, one per output element of element-wise
+  ops and per input element of reductions, a few per element of Softmax; ``Loop`` bodies count
+  ``trip_count`` times. Shapes come from ONNX shape inference at the benchmarked batch.
+* **Peak** (:func:`matmul_peak`): the best of repeated 1024^3 fp32 matmuls in PyTorch (and numpy when
+  its BLAS threads can be limited) on the same number of threads.
+* **Baselines**: ``torch`` is :class:`~acf_deploy.runtime.torch_backend.TorchBackend` (the same baked
+  module, same iteration counts, ``inference_mode``, same threads). ``resflow`` is the Residual-Flows
+  way (:class:`ResFlowBaseline`): eager PyTorch iterating every block until a tolerance is met.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, numpy_helper
+
+from ..artifact import Artifact
+from ..errors import BadInput
+from ..exporters.optimize import infer_shapes
+from .base import Arrays, Backend
+
+__all__ = [
+    "BenchOptions",
+    "ResFlowBaseline",
+    "graph_flops",
+    "machine_info",
+    "matmul_peak",
+    "resflow_tolerance",
+    "run_bench",
+]
+
+WHAT = ("sample", "density")
+RESFLOW = "resflow"
+RESFLOW_MAX_ITERS = 1000  # the reference code's cap
+RESFLOW_TOLS = tuple(10.0 ** (-k / 2) for k in range(4, 17))  # 1e-2 .. 1e-8 in half decades
+RESFLOW_SLACK = 1.5  # "same round-trip error": at most this factor above ours
+
+
+@dataclass
+class BenchOptions:
+    backends: Sequence[str] = ("torch", "ort")
+    batches: Sequence[int] = (1, 64, 256)
+    what: Sequence[str] = WHAT
+    repeats: int = 20
+    warmup: int = 3
+    threads: int | None = None  # None: every core this process may use
+    seed: int = 0
+    max_seconds: float = 20.0  # per cell: stop repeating after this long (at least min_repeats rounds)
+    min_repeats: int = 3
+    resflow_tol: float | None = None  # None: the loosest tolerance matching our round trip
+    flops: bool = True
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- machine
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak(threads: int, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """Measured fp32 matmul peak in GFLOP/s on ``threads`` threads: the best of ``repeats`` ``n^3`` products."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        for _ in range(3):
+            torch.mm(a, b, out=out)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        result = {"torch_gflops": 2 * n**3 / best / 1e9}
+    finally:
+        torch.set_num_threads(previous)
+    result.update(_numpy_peak(threads, n, repeats))
+    result["gflops"] = max(result.values())
+    return result
+
+
+def _numpy_peak(threads: int, n: int, repeats: int) -> dict[str, float]:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return {}
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    with threadpool_limits(limits=threads):
+        for _ in range(2):
+            a @ b
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    return {"numpy_gflops": 2 * n**3 / best / 1e9}
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "cores_available": default_threads(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+        "onnx": onnx.__version__,
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- FLOPs
+_ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Sigmoid",
+    "Tanh",
+    "Relu",
+    "Neg",
+    "Abs",
+    "Max",
+    "Min",
+    "Where",
+    "Reciprocal",
+    "Erf",
+    "Softplus",
+    "Clip",
+    "Equal",
+    "Greater",
+    "Less",
+}
+_REDUCTIONS = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp"}
+_SOFTMAX = {"Softmax": 5, "LogSoftmax": 5}
+
+
+def _shape(types: dict[str, onnx.TypeProto], name: str, batch: int) -> list[int] | None:
+    t = types.get(name)
+    if t is None or not t.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.dim_param == "batch":
+            dims.append(batch)
+        else:
+            return None
+    return dims
+
+
+def _types(graph: GraphProto, outer: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    types = dict(outer)
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[value.name] = value.type
+    for init in graph.initializer:
+        types[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
+    return types
+
+
+def _constant_int(graph: GraphProto, name: str, outer_consts: dict[str, int]) -> int | None:
+    for init in graph.initializer:
+        if init.name == name:
+            return int(numpy_helper.to_array(init).reshape(-1)[0])
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return int(numpy_helper.to_array(attr.t).reshape(-1)[0])
+    return outer_consts.get(name)
+
+
+def _node_flops(node: onnx.NodeProto, types: dict[str, onnx.TypeProto], batch: int) -> float | None:
+    op = node.op_type
+    out = _shape(types, node.output[0], batch) if node.output else None
+    if op in ("MatMul", "FusedMatMul"):
+        a = _shape(types, node.input[0], batch)
+        if out is None or a is None:
+            return None
+        return 2.0 * math.prod(out) * a[-1]
+    if op == "Gemm":
+        a = _shape(types, node.input[0], batch)
+        if out is None or a is None:
+            return None
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        k = a[0] if trans_a else a[-1]
+        return 2.0 * math.prod(out) * k + (math.prod(out) if len(node.input) > 2 else 0)
+    if op in ("Conv", "ConvTranspose"):
+        w = _shape(types, node.input[1], batch)
+        if out is None or w is None:
+            return None
+        per_output = math.prod(w[1:])  # (C_in / groups) * kernel
+        return 2.0 * math.prod(out) * per_output + (math.prod(out) if len(node.input) > 2 else 0)
+    if op in _ELEMENTWISE:
+        return None if out is None else float(math.prod(out))
+    if op in _REDUCTIONS:
+        x = _shape(types, node.input[0], batch)
+        return None if x is None else float(math.prod(x)) * (2 if op in ("ReduceL2", "ReduceSumSquare") else 1)
+    if op in _SOFTMAX:
+        return None if out is None else float(_SOFTMAX[op] * math.prod(out))
+    return 0.0  # data movement (Reshape, Transpose, Gather, Concat, ...) and shape ops
+
+
+def _graph_flops(
+    graph: GraphProto,
+    types_outer: dict[str, onnx.TypeProto],
+    consts_outer: dict[str, int],
+    batch: int,
+    by_op: dict[str, float],
+    unknown: list[str],
+    scale: float,
+) -> float:
+    types = _types(graph, types_outer)
+    total = 0.0
+    for node in graph.node:
+        if node.op_type == "Loop":
+            trips = _constant_int(graph, node.input[0], consts_outer) if node.input[0] else None
+            if trips is None:
+                unknown.append(f"{node.name} (Loop without a constant trip count)")
+                trips = 1
+            body = next(a.g for a in node.attribute if a.type == AttributeProto.GRAPH)
+            total += _graph_flops(body, types, consts_outer, batch, by_op, unknown, scale * trips)
+            continue
+        flops = _node_flops(node, types, batch)
+        if flops is None:
+            unknown.append(f"{node.name or node.output[0]} ({node.op_type})")
+            continue
+        if flops:
+            by_op[node.op_type] = by_op.get(node.op_type, 0.0) + flops * scale
+            total += flops * scale
+    return total
+
+
+def graph_flops(model: onnx.ModelProto | str, batch: int) -> dict[str, Any]:
+    """FLOPs of one run of an ONNX graph at ``batch``: total, per op type, and nodes whose shape is unknown."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    inferred = infer_shapes(model, batch=batch)
+    by_op: dict[str, float] = {}
+    unknown: list[str] = []
+    total = _graph_flops(inferred.graph, {}, {}, batch, by_op, unknown, 1.0)
+    return {
+        "flops": total,
+        "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        "unknown_nodes": len(unknown),
+        "unknown_examples": unknown[:5],
+    }
+
+
+# --------------------------------------------------------------------------- Residual-Flows baseline
+class ResFlowBaseline(Backend):
+    """The Residual-Flows way of sampling: eager PyTorch iterating each block until a tolerance is met.
+
+    As in ``iresblock.py`` ``_inverse_fixed_point`` (notes 2): start at ``x = y - g(y)`` and iterate
+    ``x <- y - g(x)`` in a Python ``while`` until every element satisfies
+    ``|x - x_prev| < atol + rtol |y|`` (at most 1000 iterations). The reference compares the
+    *squared* step with that unsquared tolerance, which makes the real criterion ``sqrt(tol)``; here
+    the test is done correctly. ``atol = rtol = tol``, and ``tol`` defaults to the loosest value whose
+    round trip is as accurate as the exported sampler's (:func:`resflow_tolerance`).
+    """
+
+    name = RESFLOW
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, tol: float | None = None):
+        super().__init__(artifact)
+        from .torch_backend import TorchBackend
+
+        self.reference = TorchBackend(artifact, threads=threads)
+        self.flow = self.reference.flow
+        self.search: dict[str, Any] | None = None
+        if tol is None:
+            self.search = resflow_tolerance(self.flow, self.reference.counts)
+            tol = self.search["tol"]
+        self.tol = float(tol)
+        self.last_iterations: list[int] = []
+
+    def sample(self, z: np.ndarray, temperature: float = 1.0) -> Arrays:
+        import torch
+
+        with torch.inference_mode():
+            h = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)) * temperature
+            x, iterations = resflow_inverse(self.flow, h, self.tol)
+        self.last_iterations = iterations
+        return {"x": x.numpy(), "residual": np.zeros(len(z), dtype=np.float32)}
+
+    def density(self, x: np.ndarray, probes: np.ndarray | None = None) -> Arrays:
+        raise BadInput("the resflow baseline only samples; density is the same forward pass as torch")
+
+    def close(self) -> None:
+        self.reference.close()
+
+
+def resflow_inverse(flow, z, tol: float, max_iters: int = RESFLOW_MAX_ITERS):
+    """``flow.inverse`` with per-block tolerance loops; returns ``(x, g evaluations per block)``."""
+    from ..flows.blocks import ResidualBlock
+
+    blocks = flow.residual_blocks()
+    h = z.reshape(z.shape[0], *flow._latent_shape())
+    evaluations = [0] * len(blocks)
+    index = len(blocks)
+    for layer in reversed(flow.layers):
+        if isinstance(layer, ResidualBlock):
+            index -= 1
+            y = h
+            threshold = tol + tol * y.abs()
+            x_prev, x = y, y - layer.g(y)
+            count = 1
+            while not bool(((x - x_prev).abs() < threshold).all()) and count <= max_iters:
+                x_prev, x = x, y - layer.g(x)
+                count += 1
+            evaluations[index] = count
+            h = x
+        else:
+            h = layer.inverse(h)
+    if flow.preprocess is not None:
+        h = flow.preprocess.inverse(h)
+    return h, evaluations
+
+
+def resflow_tolerance(
+    flow, counts: Sequence[int], n: int = 256, seed: int = 0, slack: float = RESFLOW_SLACK
+) -> dict[str, Any]:
+    """The loosest tolerance (half-decade grid) whose prior round trip ``z -> x -> z`` (max relative
+    error in z) is at most ``slack`` times the exported sampler's with ``counts``."""
+    import torch
+
+    from ..flows.blocks import LogdetSpec
+
+    generator = torch.Generator().manual_seed(seed + 104729)
+    z = torch.randn(n, flow.dim, generator=generator)
+
+    def roundtrip(x: torch.Tensor) -> float:
+        z_back = flow(x, LogdetSpec(mode="none")).z
+        return float(((z_back - z).norm(dim=1) / z.norm(dim=1)).max())
+
+    with torch.inference_mode():
+        ours = roundtrip(flow.inverse(z, list(counts))[0])
+        tried = []
+        chosen = None
+        for tol in RESFLOW_TOLS:
+            x, evaluations = resflow_inverse(flow, z, tol)
+            error = roundtrip(x)
+            tried.append({"tol": tol, "roundtrip": error, "iterations": int(sum(evaluations))})
+            if error <= slack * ours:
+                chosen = tried[-1]
+                break
+    if chosen is None:
+        chosen = min(tried, key=lambda t: t["roundtrip"])
+    return {
+        "tol": chosen["tol"],
+        "roundtrip": chosen["roundtrip"],
+        "iterations_total": chosen["iterations"],
+        "ours_roundtrip": ours,
+        "ours_iterations_total": int(sum(counts)),
+        "matched": chosen["roundtrip"] <= slack * ours,
+        "slack": slack,
+        "tried": tried,
+    }
+
+
+# --------------------------------------------------------------------------- the benchmark
+def _open(name: str, artifact: Artifact, threads: int, opts: BenchOptions) -> Backend:
+    if name == RESFLOW:
+        return ResFlowBaseline(artifact, threads=threads, tol=opts.resflow_tol)
+    from . import open_backend
+
+    return open_backend(name, artifact, threads=threads)
+
+
+def _inputs(artifact: Artifact, what: str, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, batch, WHAT.index(what)])
+    if what == "sample":
+        return {"z": rng.standard_normal((batch, artifact.dim)).astype(np.float32)}
+    n_levels = artifact.manifest.get("n_levels")
+    shape = (batch, *artifact.data_shape)
+    if n_levels:
+        x = ((rng.integers(0, n_levels, shape) + rng.random(shape)) / n_levels).astype(np.float32)
+    else:
+        x = rng.standard_normal(shape).astype(np.float32)
+    inputs = {"x": x}
+    if artifact.logdet_mode == "series":
+        inputs["probes"] = (rng.integers(0, 2, (batch, artifact.n_probes, artifact.dim)) * 2 - 1).astype(np.float32)
+    return inputs
+
+
+def _call(backend: Backend, what: str, inputs: dict[str, np.ndarray], chunk: int) -> Arrays:
+    if what == "sample":
+        return backend.sample(inputs["z"])
+    x, probes = inputs["x"], inputs.get("probes")
+    if len(x) <= chunk:
+        return backend.density(x, probes)
+    parts = [
+        backend.density(x[i : i + chunk], None if probes is None else probes[i : i + chunk])
+        for i in range(0, len(x), chunk)
+    ]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+@dataclass
+class _Cell:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    output: np.ndarray | None = None
+    iterations: float | None = None
+
+
+def run_bench(
+    artifact: Artifact, opts: BenchOptions | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Benchmark ``artifact`` on every requested backend; returns the report (see module docstring)."""
+    opts = opts or BenchOptions()
+    say = log or (lambda _m: None)
+    _check(opts)
+    threads = opts.threads or default_threads()
+    names = list(dict.fromkeys(["torch", *opts.backends]))  # eager PyTorch is always the baseline
+    counts = [int(b["n_iter"]) for b in artifact.manifest.get("blocks", [])]
+
+    say(f"measuring the fp32 matmul peak on {threads} thread(s)")
+    peak = matmul_peak(threads)
+    backends: dict[str, Backend] = {}
+    try:
+        for name in names:
+            say(f"opening {name}")
+            backends[name] = _open(name, artifact, threads, opts)
+        if "torch" in backends:
+            _torch_threads(threads)  # other backends may have changed torch's setting
+        flops = _flops(artifact, opts) if opts.flops else {}
+        results = []
+        for what in opts.what:
+            for batch in opts.batches:
+                runners = {n: b for n, b in backends.items() if what == "sample" or n != RESFLOW}
+                say(f"{what} batch {batch}")
+                cells = _time_cell(artifact, runners, what, batch, opts)
+                results += _rows(cells, what, batch, flops.get(what, {}).get(batch), peak["gflops"])
+    finally:
+        for backend in backends.values():
+            backend.close()
+
+    report: dict[str, Any] = {
+        "machine": {**machine_info(threads), "matmul_peak": peak},
+        "artifact": _artifact_summary(artifact, counts),
+        "options": {**asdict(opts), "threads": threads, "backends": names},
+        "graphs": {
+            what: {
+                "flops_per_sample": {str(b): v["flops"] / b for b, v in per_batch.items()},
+                "flops_by_op": next(iter(per_batch.values()))["by_op"] if per_batch else {},
+                "unknown_nodes": max((v["unknown_nodes"] for v in per_batch.values()), default=0),
+            }
+            for what, per_batch in flops.items()
+        },
+        "results": results,
+    }
+    if RESFLOW in backends:
+        baseline = backends[RESFLOW]
+        assert isinstance(baseline, ResFlowBaseline)
+        report["resflow"] = {"tol": baseline.tol, "search": baseline.search}
+    return report
+
+
+def _check(opts: BenchOptions) -> None:
+    if not opts.backends:
+        raise BadInput("--backends needs at least one backend")
+    bad = [w for w in opts.what if w not in WHAT]
+    if bad or not opts.what:
+        raise BadInput(f"--what takes sample and/or density, not {','.join(bad) or '(nothing)'}")
+    if not opts.batches or any(b < 1 for b in opts.batches):
+        raise BadInput("--batch needs positive batch sizes, e.g. 1,64,256")
+    if opts.repeats < 1 or opts.warmup < 0 or opts.min_repeats < 1:
+        raise BadInput("--repeats must be at least 1 and --warmup at least 0")
+    if opts.threads is not None and opts.threads < 1:
+        raise BadInput("--threads must be at least 1")
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[str, Any]]]:
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for what in opts.what:
+        model = onnx.load(str(artifact.graph_path(what)))
+        out[what] = {batch: graph_flops(model, batch) for batch in opts.batches}
+    return out
+
+
+def _time_cell(
+    artifact: Artifact, runners: dict[str, Backend], what: str, batch: int, opts: BenchOptions
+) -> dict[str, _Cell]:
+    inputs = _inputs(artifact, what, batch, opts.seed)
+    chunk = int(artifact.manifest.get("max_safe_batch", batch)) if what == "density" else batch
+    cells = {name: _Cell() for name in runners}
+    key = "x" if what == "sample" else "log_prob"
+    for backend in runners.values():
+        for _ in range(opts.warmup):
+            _call(backend, what, inputs, chunk)
+    started = time.perf_counter()
+    for round_ in range(opts.repeats):
+        for name, backend in runners.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            out = _call(backend, what, inputs, chunk)
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            cells[name].wall.append(wall)
+            cells[name].cpu.append(cpu)
+            if round_ == 0:
+                cells[name].output = np.asarray(out[key], dtype=np.float64)
+                if isinstance(backend, ResFlowBaseline):
+                    cells[name].iterations = float(sum(backend.last_iterations))
+                elif what == "sample":
+                    cells[name].iterations = float(sum(int(b["n_iter"]) for b in artifact.manifest["blocks"]))
+        if round_ + 1 >= opts.min_repeats and time.perf_counter() - started > opts.max_seconds:
+            break
+    return cells
+
+
+def _rows(
+    cells: dict[str, _Cell], what: str, batch: int, flops: dict[str, Any] | None, peak_gflops: float
+) -> list[dict[str, Any]]:
+    torch_cell = cells.get("torch")
+    torch_median = float(np.median(torch_cell.wall)) if torch_cell else None
+    rows = []
+    for name, cell in cells.items():
+        median = float(np.median(cell.wall))
+        row: dict[str, Any] = {
+            "backend": name,
+            "what": what,
+            "batch": batch,
+            "repeats": len(cell.wall),
+            "median_ms": 1e3 * median,
+            "p90_ms": 1e3 * float(np.percentile(cell.wall, 90)),
+            "min_ms": 1e3 * float(np.min(cell.wall)),
+            "mean_ms": 1e3 * float(np.mean(cell.wall)),
+            "cpu_ms": 1e3 * float(np.median(cell.cpu)),
+            "samples_per_s": batch / median,
+            "speedup_vs_torch": (torch_median / median) if torch_median else None,
+            "iterations": cell.iterations,
+            "gflops_per_s": None,
+            "peak_fraction": None,
+            "max_abs_diff_vs_torch": None,
+        }
+        if flops and name != RESFLOW:
+            rate = flops["flops"] / median / 1e9
+            row["gflops_per_s"] = rate
+            row["peak_fraction"] = rate / peak_gflops
+        if torch_cell is not None and cell.output is not None and torch_cell.output is not None:
+            row["max_abs_diff_vs_torch"] = float(np.nanmax(np.abs(cell.output - torch_cell.output)))
+        rows.append(row)
+    return rows
+
+
+def _artifact_summary(artifact: Artifact, counts: list[int]) -> dict[str, Any]:
+    m = artifact.manifest
+    config = m.get("config", {})
+    return {
+        "path": str(artifact.root),
+        "preset": m.get("preset"),
+        "dim": m.get("dim"),
+        "precision": m.get("precision", "fp32"),
+        "logdet": m.get("logdet", {}),
+        "inverse": m.get("inverse", {}),
+        "coeff": config.get("coeff"),
+        "iterations": {**m.get("iterations", {}), "per_block": counts},
+        "nodes": {g: m.get("graphs", {}).get(g, {}).get("nodes") for g in WHAT},
+        "max_safe_batch": m.get("max_safe_batch"),
+    }
