@@ -35,6 +35,7 @@ __all__ = [
     "weight_only_nodes",
 ]
 
+_INTEGER_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL}
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"}
 
 
@@ -428,7 +429,9 @@ def share_initializers(model: ModelProto) -> int:
                 local = {i.name for i in sub.input}
                 keep = []
                 for init in sub.initializer:
-                    if init.name in names or init.name in local:
+                    # integer tensors (shape targets, axes) stay local: shape inference and constant
+                    # folding inside the body need their values, and they are tiny
+                    if init.name in names or init.name in local or init.data_type in _INTEGER_TYPES:
                         keep.append(init)
                     else:
                         graph.initializer.append(init)
