@@ -176,6 +176,14 @@ def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Te
     kept = [o for o in model.graph.output if not o.name.startswith("trace_")]
     del model.graph.output[:]
     model.graph.output.extend(kept)
+    if mode == "series" and "probes" not in {i.name for i in model.graph.input}:
+        # no residual block reads the probes (e.g. the Glow baseline): the tracer dropped the input,
+        # but the graph keeps the interface its log-det mode declares
+        model.graph.input.append(
+            helper.make_tensor_value_info(
+                "probes", model.graph.input[0].type.tensor_type.elem_type, [BATCH, n_probes, flow.dim]
+            )
+        )
     return model
 
 

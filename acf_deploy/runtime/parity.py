@@ -200,9 +200,30 @@ def compare_golden(artifact: Artifact, backend: Backend, atol: float = 1e-4, rto
     d_got = backend.density(golden["in_x"], probes)
     s_ref = {k[len("sample_") :]: v for k, v in golden.items() if k.startswith("sample_")}
     d_ref = {k[len("density_") :]: v for k, v in golden.items() if k.startswith("density_")}
+    z = golden["in_z"] * np.float32(temperature)  # the latents the samples came from
+    extra = roundtrips(backend, golden["in_x"], z, d_got["z"], s_got["x"], probes, len(z))
     return _judge(
-        "golden", backend.name, (s_got, s_ref), (d_got, d_ref), atol, rtol, None, *_precision_args(artifact, backend)
+        "golden", backend.name, (s_got, s_ref), (d_got, d_ref), atol, rtol, extra, *_precision_args(artifact, backend)
     )
+
+
+def roundtrips(
+    backend: Backend,
+    x: np.ndarray,
+    z: np.ndarray,
+    z_of_x: np.ndarray,
+    x_of_z: np.ndarray,
+    probes: np.ndarray | None,
+    chunk: int,
+) -> dict[str, float]:
+    """Round trips through one backend: data -> z -> data (max-abs, data space) and z -> x -> z (relative to ||z||)."""
+    back = run_chunked(backend.sample, {"z": z_of_x}, chunk)["x"]
+    z_back = run_chunked(backend.density, {"x": x_of_z, "probes": probes}, chunk)["z"]
+    rel = np.linalg.norm(z_back - z, axis=1) / np.linalg.norm(z, axis=1)
+    return {
+        "roundtrip_max_abs": float(np.abs(back.astype(np.float64) - x).max()),
+        "roundtrip_latent_max_rel": float(rel.max()),
+    }
 
 
 def _precision_args(artifact: Artifact, backend: Backend) -> tuple[str, str | None, str | None]:
@@ -263,13 +284,7 @@ def compare_backends(
         d = run_chunked(runner.density, {"x": inputs["x"], "probes": inputs.get("probes")}, chunk)
         results[side] = (s, d)
     (s_got, d_got), (s_ref, d_ref) = results["got"], results["ref"]
-    back = run_chunked(backend.sample, {"z": d_got["z"]}, chunk)["x"]
-    z_back = run_chunked(backend.density, {"x": s_got["x"], "probes": inputs.get("probes")}, chunk)["z"]
-    rel = np.linalg.norm(z_back - inputs["z"], axis=1) / np.linalg.norm(inputs["z"], axis=1)
-    extra = {
-        "roundtrip_max_abs": float(np.abs(back.astype(np.float64) - inputs["x"]).max()),
-        "roundtrip_latent_max_rel": float(rel.max()),
-    }
+    extra = roundtrips(backend, inputs["x"], inputs["z"], d_got["z"], s_got["x"], inputs.get("probes"), chunk)
     sides = (s_got, s_ref), (d_got, d_ref)
     result = _judge(reference.name, backend.name, *sides, atol, rtol, extra, *_precision_args(artifact, backend))
     if result.status == "failed" and hasattr(reference, "density_trace"):
