@@ -65,9 +65,18 @@ def density_io(mode: str, n_blocks_traced: int = 0) -> tuple[list[str], list[str
 
 
 def _export(
-    module: nn.Module, args: tuple[Tensor, ...], inputs: list[str], outputs: list[str], batched: dict, opset: int
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    batched: dict,
+    opset: int,
+    lu_marker: bool = False,
 ) -> onnx.ModelProto:
-    """Trace ``module`` to ONNX (TorchScript exporter: fast, plain graphs, named dynamic axes)."""
+    """Trace ``module`` to ONNX (TorchScript exporter: fast, plain graphs, named dynamic axes).
+
+    ``lu_marker``: the module may emit ``acf::LuLogdet`` nodes, which are expanded into Loops here.
+    """
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected: shapes are static
@@ -81,7 +90,7 @@ def _export(
             dynamic_axes=batched,
             opset_version=opset,
             do_constant_folding=True,
-            custom_opsets={"acf": 1},
+            custom_opsets={"acf": 1} if lu_marker else None,
         )
     return expand_lu_nodes(onnx.load_from_string(buffer.getvalue()))
 
@@ -172,7 +181,7 @@ def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Te
     args: tuple[Tensor, ...] = (example,)
     if mode == "series":
         args = (example, torch.ones(example.shape[0], n_probes, flow.dim, dtype=example.dtype))
-    model = _export(module, args, inputs, outputs, _axes(*inputs, *outputs), opset)
+    model = _export(module, args, inputs, outputs, _axes(*inputs, *outputs), opset, lu_marker=mode == "exact")
     kept = [o for o in model.graph.output if not o.name.startswith("trace_")]
     del model.graph.output[:]
     model.graph.output.extend(kept)
