@@ -616,7 +616,7 @@ app.add_typer(experiment_app, name="experiment")
 @handle_errors
 def experiment_paper(
     budget: str = typer.Option(
-        "small", help="small (CI smoke test, about a minute) | full (about 70-90 min on 2 cores)."
+        "small", help="small (CI smoke test, about a minute) | full (25 runs, about 75 min on 1 thread)."
     ),
     out_dir: Path = typer.Option(Path("experiments/paper"), "--out", help="Run directory; rerun to resume."),
     seeds: int | None = typer.Option(None, help="Seeds per preset (budget default: full 5, small 2)."),

@@ -22,12 +22,20 @@ TOY_DENSITIES = ("moons", "8gaussians", "checkerboard", "pinwheel", "2spirals")
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 digits as ``(train, test)`` levels ``(N, 1, 8, 8)`` int64, a fixed seeded split."""
+    train, test, _, _ = digits_split_labelled()
+    return train, test
+
+
+def digits_split_labelled() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`digits_split` with the class labels: ``(train, test, train_labels, test_labels)``."""
     from sklearn.datasets import load_digits
 
-    images = load_digits().images.astype(np.int64)[:, None]  # values 0..16
+    digits = load_digits()
+    images = digits.images.astype(np.int64)[:, None]  # values 0..16
     order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     n_test = int(round(TEST_FRACTION * len(images)))
-    return images[order[n_test:]], images[order[:n_test]]
+    train, test = order[n_test:], order[:n_test]
+    return images[train], images[test], digits.target[train], digits.target[test]
 
 
 def toy_density(name: str, n: int, seed: int = 0) -> np.ndarray:
@@ -154,7 +162,9 @@ def training_data(config: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(train, test)`` for a preset config: digits, a toy density, or local files (``config['data_path']``)."""
     name = config["data"]
     if name == "digits":
-        return digits_split()
+        train, test = digits_split()
+        n_train = config.get("train", {}).get("train_size")  # optional subsample (smoke tests, experiments)
+        return (train[: int(n_train)] if n_train else train), test
     if name in TOY_DENSITIES:
         n_train = int(config.get("train", {}).get("train_size", 20000))
         return toy_density(name, n_train, seed=seed), toy_density(name, 5000, seed=seed + 10_000)

@@ -10,21 +10,27 @@ import numpy as np
 from .fileio import atomic_path
 
 
-def save_grid(images: np.ndarray, target: str | Path, scale: int = 4, pad: int = 1) -> Path:
-    """Tile ``(N, C, H, W)`` images with values in ``[0, 1]`` into one PNG (written atomically)."""
-    from PIL import Image
-
-    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+def tile_images(images: np.ndarray, cols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images (values clipped to ``[0, 1]``) into one ``(rows, cols, C)`` canvas, white gaps."""
+    images = np.clip(np.nan_to_num(np.asarray(images, dtype=np.float32)), 0.0, 1.0)
     n, c, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
+    cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
     for i in range(n):
         r, q = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         canvas[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
+    return canvas
+
+
+def save_grid(images: np.ndarray, target: str | Path, scale: int = 4, pad: int = 1) -> Path:
+    """Tile ``(N, C, H, W)`` images with values in ``[0, 1]`` into one PNG (written atomically)."""
+    from PIL import Image
+
+    canvas = tile_images(images, pad=pad)
     pixels = (canvas * 255).round().astype(np.uint8)
-    picture = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    picture = Image.fromarray(pixels[..., 0] if canvas.shape[-1] == 1 else pixels)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     target = Path(target)
     with atomic_path(target) as tmp:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .flows.attention import GatedAttention
+from .flows.attention import ACFBranch, GatedAttention
 from .flows.blocks import LogdetSpec, ResidualBlock
 from .flows.flow import Flow
 from .flows.measure import measured_lipschitz
@@ -57,6 +57,10 @@ def block_report(
             hidden = _gate_input(block, gate, xd)
             row["gamma"] = float(gate.gamma.detach())
             row["attention_share"] = float(gate.attention_share(hidden).mean())
+        elif isinstance(block.g, ACFBranch):  # standalone ACF layer: share ||c F(x)/B|| / ||x||, no gamma
+            with torch.no_grad():
+                share = block.g(xd).flatten(1).norm(dim=1) / xd.flatten(1).norm(dim=1)
+            row["attention_share"] = float(share.mean())
         rows.append(row)
     return rows
 
