@@ -348,6 +348,7 @@ def _precision_detail(precision: str, sample: onnx.ModelProto, density: onnx.Mod
             half_tensor_fraction=fractions,
             half_parts=list(HALF_PARTS),
             fp32_islands=list(FP32_ISLANDS),
+            certificates="per-block Lipschitz certificates refer to the fp32 weights, rounded to half at export",
         )
     return detail
 
