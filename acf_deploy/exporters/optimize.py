@@ -35,7 +35,6 @@ __all__ = [
     "weight_only_nodes",
 ]
 
-_INTEGER_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL}
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"}
 
 
@@ -412,34 +411,14 @@ def constants_to_initializers(model: ModelProto) -> int:
 
 
 def share_initializers(model: ModelProto) -> int:
-    """Hoist ``Loop``-body initializers to the main graph and store identical tensors once.
+    """Store identical main-graph tensors once (``Constant`` nodes become initializers first).
 
-    Traced pieces carry their own copy of a block's weights (the loop body and the final step read
-    the same ones); bodies read outer-scope values, so one copy serves both. Returns the number of
-    duplicates removed.
+    ``Loop`` bodies keep their own copies: ONNX Runtime pre-packs and re-lays-out (NCHWc) only the
+    weights a subgraph owns, and reading them from the outer scope instead measured 1.7x slower at
+    batch 256. Returns the number of duplicates removed.
     """
     graph = model.graph
     constants_to_initializers(model)
-    names = {i.name for i in graph.initializer}
-
-    def hoist(g: GraphProto) -> None:
-        for node in g.node:
-            for sub in _subgraphs(node):
-                hoist(sub)
-                local = {i.name for i in sub.input}
-                keep = []
-                for init in sub.initializer:
-                    # integer tensors (shape targets, axes) stay local: shape inference and constant
-                    # folding inside the body need their values, and they are tiny
-                    if init.name in names or init.name in local or init.data_type in _INTEGER_TYPES:
-                        keep.append(init)
-                    else:
-                        graph.initializer.append(init)
-                        names.add(init.name)
-                del sub.initializer[:]
-                sub.initializer.extend(keep)
-
-    hoist(graph)
     first: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     for init in graph.initializer:

@@ -33,7 +33,7 @@ from onnx import AttributeProto, GraphProto, numpy_helper
 
 from ..artifact import Artifact
 from ..errors import BadInput
-from ..exporters.optimize import infer_shapes
+from ..exporters.optimize import fold_static_shapes, infer_shapes
 from .base import Arrays, Backend
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
     "matmul_peak",
     "resflow_tolerance",
     "run_bench",
+    "summarize",
+    "time_round_robin",
 ]
 
 WHAT = ("sample", "density")
@@ -282,6 +284,7 @@ def graph_flops(model: onnx.ModelProto | str, batch: int) -> dict[str, Any]:
     """FLOPs of one run of an ONNX graph at ``batch``: total, per op type, and nodes whose shape is unknown."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
+    model = fold_static_shapes(onnx.ModelProto.FromString(model.SerializeToString()))  # older exports
     inferred = infer_shapes(model, batch=batch)
     by_op: dict[str, float] = {}
     unknown: list[str] = []
@@ -532,6 +535,53 @@ def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[s
     return out
 
 
+def time_round_robin(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    max_seconds: float = math.inf,
+    min_repeats: int = 3,
+    on_first: Callable[[str, Any], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Time every callable once per round, round after round, after ``warmup`` untimed calls each.
+
+    Returns per name the wall-clock and process CPU seconds of every timed call. Rounds stop after
+    ``repeats``, or earlier once ``max_seconds`` have passed and ``min_repeats`` rounds are done.
+    ``on_first(name, result)`` sees each callable's result from the first timed round.
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in calls}
+    started = time.perf_counter()
+    for round_ in range(repeats):
+        for name, call in calls.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            result = call()
+            times[name]["wall"].append(time.perf_counter() - wall0)
+            times[name]["cpu"].append(time.process_time() - cpu0)
+            if round_ == 0 and on_first is not None:
+                on_first(name, result)
+        if round_ + 1 >= min_repeats and time.perf_counter() - started > max_seconds:
+            break
+    return times
+
+
+def summarize(times: dict[str, list[float]], batch: int) -> dict[str, float]:
+    """Median / p90 / min / mean latency (ms), median CPU time (ms) and samples/s of one timing series."""
+    wall = np.asarray(times["wall"])
+    median = float(np.median(wall))
+    return {
+        "repeats": int(wall.size),
+        "median_ms": 1e3 * median,
+        "p90_ms": 1e3 * float(np.percentile(wall, 90)),
+        "min_ms": 1e3 * float(wall.min()),
+        "mean_ms": 1e3 * float(wall.mean()),
+        "cpu_ms": 1e3 * float(np.median(times["cpu"])),
+        "samples_per_s": batch / median,
+    }
+
+
 def _time_cell(
     artifact: Artifact, runners: dict[str, Backend], what: str, batch: int, opts: BenchOptions
 ) -> dict[str, _Cell]:
@@ -539,25 +589,19 @@ def _time_cell(
     chunk = int(artifact.manifest.get("max_safe_batch", batch)) if what == "density" else batch
     cells = {name: _Cell() for name in runners}
     key = "x" if what == "sample" else "log_prob"
-    for backend in runners.values():
-        for _ in range(opts.warmup):
-            _call(backend, what, inputs, chunk)
-    started = time.perf_counter()
-    for round_ in range(opts.repeats):
-        for name, backend in runners.items():
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            out = _call(backend, what, inputs, chunk)
-            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-            cells[name].wall.append(wall)
-            cells[name].cpu.append(cpu)
-            if round_ == 0:
-                cells[name].output = np.asarray(out[key], dtype=np.float64)
-                if isinstance(backend, ResFlowBaseline):
-                    cells[name].iterations = float(sum(backend.last_iterations))
-                elif what == "sample":
-                    cells[name].iterations = float(sum(int(b["n_iter"]) for b in artifact.manifest["blocks"]))
-        if round_ + 1 >= opts.min_repeats and time.perf_counter() - started > opts.max_seconds:
-            break
+
+    def first(name: str, out: Arrays) -> None:
+        cells[name].output = np.asarray(out[key], dtype=np.float64)
+        backend = runners[name]
+        if isinstance(backend, ResFlowBaseline):
+            cells[name].iterations = float(sum(backend.last_iterations))
+        elif what == "sample":
+            cells[name].iterations = float(sum(int(b["n_iter"]) for b in artifact.manifest["blocks"]))
+
+    calls = {name: (lambda b=backend: _call(b, what, inputs, chunk)) for name, backend in runners.items()}
+    times = time_round_robin(calls, opts.repeats, opts.warmup, opts.max_seconds, opts.min_repeats, first)
+    for name, series in times.items():
+        cells[name].wall, cells[name].cpu = series["wall"], series["cpu"]
     return cells
 
 
@@ -566,21 +610,19 @@ def _rows(
 ) -> list[dict[str, Any]]:
     torch_cell = cells.get("torch")
     torch_median = float(np.median(torch_cell.wall)) if torch_cell else None
+    torch_cpu = float(np.median(torch_cell.cpu)) if torch_cell else None
     rows = []
     for name, cell in cells.items():
-        median = float(np.median(cell.wall))
+        stats = summarize({"wall": cell.wall, "cpu": cell.cpu}, batch)
+        median = stats["median_ms"] / 1e3
         row: dict[str, Any] = {
             "backend": name,
             "what": what,
             "batch": batch,
-            "repeats": len(cell.wall),
-            "median_ms": 1e3 * median,
-            "p90_ms": 1e3 * float(np.percentile(cell.wall, 90)),
-            "min_ms": 1e3 * float(np.min(cell.wall)),
-            "mean_ms": 1e3 * float(np.mean(cell.wall)),
-            "cpu_ms": 1e3 * float(np.median(cell.cpu)),
-            "samples_per_s": batch / median,
+            **stats,
             "speedup_vs_torch": (torch_median / median) if torch_median else None,
+            # the same ratio in process CPU time: less sensitive to other load on a shared machine
+            "cpu_speedup_vs_torch": (torch_cpu / (stats["cpu_ms"] / 1e3)) if torch_cpu and stats["cpu_ms"] else None,
             "iterations": cell.iterations,
             "gflops_per_s": None,
             "peak_fraction": None,

@@ -1,0 +1,715 @@
+"""Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/`` (issue 5).
+
+One command, self-contained (no data download, no GPU), about 5-8 minutes on a quiet 2-core CPU::
+
+    python benchmarks/run.py                      # the shipped digits-acf-l2 (or --checkpoint DIR)
+    python benchmarks/run.py --quick              # a smoke run: few repeats, small batches
+
+What it measures, all side by side in one process with the same inputs per cell:
+
+1. digits-acf-l2 (fp32): exported with the default options, its unrolled twin, eager PyTorch on the
+   same baked module and the Residual-Flows baseline; sample and density latency/throughput vs batch.
+2. Loop vs unrolled sampling graphs; ONNX Runtime session options (optimisation level, threads).
+3. Time vs fixed-point iteration count (the same flow with n iterations in every block).
+4. Peak RSS of ``acf-deploy sample --n 100000 --out x.npy`` in a subprocess (and of 10,000 samples,
+   to show that streaming keeps memory constant).
+5. A larger image preset: an untrained ``mnist-acf-l2``-shaped flow (ActNorm initialised on random
+   levels, so calibration needs no data), sampled and scored (series log-det) at a few batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from acf_deploy.artifact import MANIFEST, open_artifact  # noqa: E402
+from acf_deploy.fileio import sha256_file, write_json  # noqa: E402
+from acf_deploy.runtime.bench import (  # noqa: E402
+    BenchOptions,
+    default_threads,
+    machine_info,
+    matmul_peak,
+    run_bench,
+    summarize,
+    time_round_robin,
+)
+
+LIMIT_ROUNDTRIP_FP32 = 1e-4  # DESIGN 5, data space
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- artifacts
+def export(checkpoint: Path, out: Path, **options: Any) -> Path:
+    from acf_deploy.exporters.export import ExportOptions, export_artifact
+
+    started = time.perf_counter()
+    export_artifact(checkpoint, out, ExportOptions(**options))
+    log(f"exported {checkpoint} -> {out} in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def sample_variant(source: Path, out: Path, inverse: str, counts: list[int] | None = None) -> Path:
+    """A copy of ``source`` whose sample.onnx is rebuilt as ``inverse`` (loop | unroll) with ``counts``."""
+    import onnx
+    import torch
+
+    from acf_deploy.checkpoint import load_checkpoint
+    from acf_deploy.exporters.graphs import export_sample_loop, export_sample_unrolled
+    from acf_deploy.exporters.optimize import count_nodes, optimize_graph
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(source, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    flow, _ = load_checkpoint(out / "checkpoint")
+    flow.bake()
+    counts = counts or [int(b["n_iter"]) for b in manifest["blocks"]]
+    build = export_sample_loop if inverse == "loop" else export_sample_unrolled
+    model = optimize_graph(build(flow, counts, torch.zeros(2, flow.dim), int(manifest["opset"])))
+    onnx.save(model, out / "sample.onnx")
+    for block, n in zip(manifest["blocks"], counts, strict=True):
+        block["n_iter"] = n
+    manifest["inverse"]["mode"] = inverse
+    manifest["graphs"]["sample"]["nodes"] = count_nodes(model.graph)
+    manifest["iterations"]["exported_total"] = sum(counts)
+    manifest["files"] = {name: sha256_file(out / name) for name in manifest["files"]}
+    write_json(out / MANIFEST, manifest)
+    return out
+
+
+def mnist_checkpoint(work: Path) -> Path:
+    """An untrained mnist-acf-l2 flow, ActNorm initialised on random 8-bit levels saved as its data."""
+    import torch
+
+    from acf_deploy.checkpoint import save_checkpoint
+    from acf_deploy.flows.presets import build_flow, preset_config
+
+    rng = np.random.default_rng(0)
+    data = work / "mnist-synthetic.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 256, (512, 28, 28)).astype(np.uint8),
+        x_test=rng.integers(0, 256, (256, 28, 28)).astype(np.uint8),
+    )
+    config = preset_config("mnist-acf-l2", data_path=str(data))
+    torch.manual_seed(0)
+    flow = build_flow(config)
+    levels = torch.from_numpy(np.load(data)["x_train"][:256]).float()[:, None]
+    flow.initialize((levels + 0.5) / 256)
+    return save_checkpoint(
+        flow, config, work / "mnist-ckpt", {"note": "untrained; ActNorm initialised on random levels"}
+    )
+
+
+# --------------------------------------------------------------------------- measurements
+def bench(artifact_dir: Path, backends, batches, what, threads: int, repeats: int, max_seconds: float) -> dict:
+    opts = BenchOptions(
+        backends=backends,
+        batches=batches,
+        what=what,
+        repeats=repeats,
+        warmup=1,
+        threads=threads,
+        max_seconds=max_seconds,
+        min_repeats=3,
+    )
+    return run_bench(open_artifact(artifact_dir), opts, log=log)
+
+
+def loop_vs_unroll(loop_dir: Path, unroll_dir: Path, batches, threads: int, repeats: int) -> list[dict]:
+    """ORT Loop graph, ORT unrolled graph and eager torch on the same latents, round-robin."""
+    from acf_deploy.runtime.ort_backend import OrtBackend
+    from acf_deploy.runtime.torch_backend import TorchBackend
+
+    loop_art, unroll_art = open_artifact(loop_dir), open_artifact(unroll_dir)
+    runners = {
+        "ort-loop": OrtBackend(loop_art, threads=threads, graphs=("sample",)),
+        "ort-unroll": OrtBackend(unroll_art, threads=threads, graphs=("sample",)),
+        "torch": TorchBackend(loop_art, threads=threads),
+    }
+    rows = []
+    for batch in batches:
+        z = np.random.default_rng([7, batch]).standard_normal((batch, loop_art.dim)).astype(np.float32)
+        calls = {name: (lambda r=r, z=z: r.sample(z)) for name, r in runners.items()}
+        times = time_round_robin(calls, repeats, warmup=2, max_seconds=20, min_repeats=5)
+        for name, series in times.items():
+            rows.append({"variant": name, "batch": batch, **summarize(series, batch)})
+    return rows
+
+
+def session_sweep(artifact_dir: Path, batches, threads_list, repeats: int) -> list[dict]:
+    """ONNX Runtime session options for the sampling graph: optimisation level x intra-op threads x mode."""
+    import onnxruntime as ort
+
+    artifact = open_artifact(artifact_dir)
+    path = str(artifact.graph_path("sample"))
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    configs = [(lv, t, "sequential") for lv in levels for t in threads_list] + [("all", max(threads_list), "parallel")]
+    sessions = {}
+    for level, threads, mode in configs:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[level]
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1 if mode == "sequential" else threads
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_SEQUENTIAL if mode == "sequential" else ort.ExecutionMode.ORT_PARALLEL
+        )
+        options.log_severity_level = 3
+        sessions[f"{level}/{threads}t/{mode}"] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    rows = []
+    for batch in batches:
+        z = np.random.default_rng([11, batch]).standard_normal((batch, artifact.dim)).astype(np.float32)
+        feeds = {"z": z, "temperature": np.ones(1, np.float32)}
+        calls = {name: (lambda s=s, feeds=feeds: s.run(None, feeds)) for name, s in sessions.items()}
+        times = time_round_robin(calls, repeats, warmup=2, max_seconds=20, min_repeats=5)
+        for name, series in times.items():
+            level, threads, mode = name.split("/")
+            rows.append(
+                {"level": level, "threads": int(threads[:-1]), "mode": mode, "batch": batch, **summarize(series, batch)}
+            )
+    return rows
+
+
+def iteration_sweep(artifact_dir: Path, work: Path, iterations, batches, threads: int, repeats: int) -> list[dict]:
+    """Sampling time with ``n`` fixed-point iterations in every block: ORT (Loop graph) vs eager torch."""
+    from acf_deploy.runtime.ort_backend import OrtBackend
+    from acf_deploy.runtime.torch_backend import TorchBackend
+
+    n_blocks = len(open_artifact(artifact_dir).manifest["blocks"])
+    rows = []
+    for n in iterations:
+        variant = sample_variant(artifact_dir, work / f"iters-{n}", "loop", [n] * n_blocks)
+        art = open_artifact(variant)
+        runners = {
+            "ort": OrtBackend(art, threads=threads, graphs=("sample",)),
+            "torch": TorchBackend(art, threads=threads),
+        }
+        for batch in batches:
+            z = np.random.default_rng([13, batch]).standard_normal((batch, art.dim)).astype(np.float32)
+            calls = {name: (lambda r=r, z=z: r.sample(z)) for name, r in runners.items()}
+            times = time_round_robin(calls, repeats, warmup=1, max_seconds=8, min_repeats=3)
+            for name, series in times.items():
+                rows.append(
+                    {
+                        "backend": name,
+                        "iterations_per_block": n,
+                        "iterations_total": n * n_blocks,
+                        "batch": batch,
+                        **summarize(series, batch),
+                    }
+                )
+        shutil.rmtree(variant)
+    return rows
+
+
+def streamed_rss(artifact_dir: Path, work: Path, n: int, threads: int) -> dict:
+    """Peak RSS (MiB) and wall time of ``acf-deploy sample --n N --out x.npy`` in a fresh subprocess."""
+    target = work / f"samples-{n}.npy"
+    command = [sys.executable, "-m", "acf_deploy.cli", "sample", str(artifact_dir), "--n", str(n), "--out", str(target)]
+    command += ["--backend", "ort", "--batch", "256"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"sampling subprocess failed: {process.stderr.read().decode()[-400:]}")
+    samples = np.load(target, mmap_mode="r")
+    ok = samples.shape[0] == n and bool(np.isfinite(samples[-256:]).all())
+    size = target.stat().st_size
+    target.unlink()
+    return {
+        "n": n,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "wall_s": wall,
+        "samples_per_s": n / wall,
+        "output_mib": size / 2**20,
+        "ok": ok,
+    }
+
+
+# --------------------------------------------------------------------------- report
+def rows_of(report: dict, what: str) -> list[dict]:
+    return [r for r in report["results"] if r["what"] == what]
+
+
+def find(report: dict, backend: str, what: str, batch: int) -> dict | None:
+    return next((r for r in report["results"] if (r["backend"], r["what"], r["batch"]) == (backend, what, batch)), None)
+
+
+def targets(digits: dict, manifest: dict) -> list[dict]:
+    """The issue's targets, checked on the measured numbers."""
+    out = []
+
+    def add(name: str, value: float | None, goal: str, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "passed": ok})
+
+    for what, batch, goal in (("sample", 1, 4.0), ("sample", 256, 1.5), ("density", 256, 1.5)):
+        row = find(digits, "ort", what, batch)
+        value = row["speedup_vs_torch"] if row else None
+        add(
+            f"{what} batch {batch}: ORT vs eager PyTorch",
+            value,
+            f">= {goal}x",
+            None if value is None else value >= goal,
+        )
+    for batch in (1, 256):
+        ours, theirs = find(digits, "ort", "sample", batch), find(digits, "resflow", "sample", batch)
+        value = theirs["median_ms"] / ours["median_ms"] if ours and theirs else None
+        add(f"sample batch {batch}: ORT vs Residual-Flows way", value, ">= 5x", None if value is None else value >= 5)
+    it = manifest["iterations"]
+    add(
+        "calibrated / certified iterations",
+        it["calibrated_total"] / it["certified_total"],
+        "<= 1/3",
+        it["calibrated_total"] * 3 <= it["certified_total"],
+    )
+    ratio = it["calibrated_total"] / it["oracle_mean_total"] if it.get("oracle_mean_total") else None
+    add("calibrated / oracle mean iterations", ratio, "<= 1.5x", None if ratio is None else ratio <= 1.5)
+    rt = manifest["roundtrip"]["exported"]["data_max_abs"]
+    add("round trip (fp32, data space, max abs)", rt, f"<= {LIMIT_ROUNDTRIP_FP32:g}", rt <= LIMIT_ROUNDTRIP_FP32)
+    return out
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|",
+    ]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bench_table(report: dict, what: str) -> str:
+    rows = []
+    for r in rows_of(report, what):
+        rows.append(
+            [
+                str(r["batch"]),
+                r["backend"],
+                r["median_ms"],
+                r["p90_ms"],
+                r["cpu_ms"],
+                r["samples_per_s"],
+                r["speedup_vs_torch"],
+                r["cpu_speedup_vs_torch"],
+                r["gflops_per_s"],
+                None if r["peak_fraction"] is None else 100 * r["peak_fraction"],
+                None if r["iterations"] is None else int(r["iterations"]),
+            ]
+        )
+    headers = [
+        "batch",
+        "backend",
+        "median ms",
+        "p90 ms",
+        "CPU ms",
+        "samples/s",
+        "speed-up",
+        "CPU speed-up",
+        "GFLOP/s",
+        "% peak",
+        "iterations",
+    ]
+    return table(headers, rows)
+
+
+def plots(results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    digits = results["digits"]["bench"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, what in zip(axes, ("sample", "density"), strict=True):
+        for backend in dict.fromkeys(r["backend"] for r in rows_of(digits, what)):
+            rows = [r for r in rows_of(digits, what) if r["backend"] == backend]
+            ax.plot([r["batch"] for r in rows], [r["samples_per_s"] for r in rows], marker="o", label=backend)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="samples / s", title=f"digits-acf-l2 {what}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = HERE / "throughput_digits.png"
+    fig.savefig(path, dpi=110)
+    files.append(path.name)
+    plt.close(fig)
+
+    sweep = results["digits"]["iterations"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, batch in zip(axes, sorted({r["batch"] for r in sweep}), strict=False):
+        for backend in ("torch", "ort"):
+            rows = [r for r in sweep if r["backend"] == backend and r["batch"] == batch]
+            ax.plot([r["iterations_total"] for r in rows], [r["median_ms"] for r in rows], marker="o", label=backend)
+        ax.set(xlabel="fixed-point iterations (all blocks)", ylabel="ms per call", title=f"sampling, batch {batch}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = HERE / "time_vs_iterations.png"
+    fig.savefig(path, dpi=110)
+    files.append(path.name)
+    plt.close(fig)
+
+    if "mnist" in results:
+        mnist = results["mnist"]["bench"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for backend in dict.fromkeys(r["backend"] for r in rows_of(mnist, "sample")):
+            rows = [r for r in rows_of(mnist, "sample") if r["backend"] == backend]
+            ax.plot([r["batch"] for r in rows], [r["samples_per_s"] for r in rows], marker="o", label=backend)
+        ax.set(
+            xscale="log", yscale="log", xlabel="batch", ylabel="samples / s", title="mnist-acf-l2 (untrained) sample"
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = HERE / "throughput_mnist.png"
+        fig.savefig(path, dpi=110)
+        files.append(path.name)
+        plt.close(fig)
+    return files
+
+
+def bound_sentence(report: dict) -> str:
+    """What limits the achieved FLOP/s, read off the measured numbers."""
+    parts = []
+    for what in ("sample", "density"):
+        rows = [r for r in rows_of(report, what) if r["backend"] == "ort" and r["peak_fraction"] is not None]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["peak_fraction"])
+        one = min(rows, key=lambda r: r["batch"])
+        flops = report["graphs"][what]["flops_by_op"]
+        total = sum(flops.values()) or 1.0
+        gemm = sum(v for k, v in flops.items() if k in ("MatMul", "Gemm", "Conv", "FusedMatMul")) / total
+        parts.append(
+            f"{what}: {100 * one['peak_fraction']:.1f}% of peak at batch {one['batch']} and "
+            f"{100 * best['peak_fraction']:.1f}% at batch {best['batch']}; {100 * gemm:.0f}% of its counted FLOPs are "
+            "MatMul/Conv"
+        )
+    return "; ".join(parts)
+
+
+def markdown(results: dict, files: list[str]) -> str:
+    m = results["machine"]
+    digits = results["digits"]
+    manifest = digits["manifest"]
+    bench_d = digits["bench"]
+    it = manifest["iterations"]
+    rt = manifest["roundtrip"]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python benchmarks/run.py` on {time.strftime('%Y-%m-%d %H:%M')} in {results['elapsed_s']:.0f} s; "
+        "raw numbers in `benchmarks/results.json`. Timings are wall-clock medians of round-robin rounds "
+        "(every backend called once per round on the same inputs); the CPU-time columns are the same ratio in "
+        "process CPU time, which other load on the machine distorts less.",
+        "",
+        "## Machine and settings",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores_available']} cores available; **{results['threads']} thread(s)** for every backend "
+        f"(torch intra-op threads = ONNX Runtime intra-op threads); load average at start {', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",
+        f"- Measured fp32 matmul peak on {results['threads']} thread(s): **{m['matmul_peak']['gflops']:.1f} GFLOP/s** "
+        f"(best of repeated 1024^3 products; torch {m['matmul_peak'].get('torch_gflops', 0):.1f}, numpy {m['matmul_peak'].get('numpy_gflops', 0):.1f}).",
+        f"- Software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}.",
+        f"- Model: `{manifest['preset']}` from `{digits['checkpoint']}`, fp32, spectral-norm coefficient "
+        f"**{manifest['config']['coeff']}** per layer (certified per-block L up to {manifest['inverse']['max_lipschitz']:.3f}), "
+        f"fixed-point tolerance **{manifest['inverse']['tol']:g}** (max-abs per block), log-det `{manifest['logdet']['mode']}`, "
+        f"sampling graph `{manifest['inverse']['mode']}` with {it['exported_total']} iterations in all.",
+        "- Eager baseline: `TorchBackend`, the same baked module with the same folded constants, eval mode, "
+        "`torch.inference_mode`, the same iteration counts and threads.",
+        f"- Residual-Flows baseline: eager PyTorch iterating each block until `|x - x_prev| < tol (1 + |y|)` elementwise "
+        f"(the reference's test, done correctly); tol **{digits['bench']['resflow']['tol']:.1e}**, the loosest on a half-decade grid whose "
+        f"prior round trip z -> x -> z ({digits['bench']['resflow']['search']['roundtrip']:.2e} max relative) is within "
+        f"{digits['bench']['resflow']['search']['slack']}x of ours ({digits['bench']['resflow']['search']['ours_roundtrip']:.2e}).",
+        "",
+        "## Targets (issue 5)",
+        "",
+        table(
+            ["target", "measured", "goal", "met"],
+            [
+                [
+                    t["target"],
+                    t["value"],
+                    t["goal"],
+                    "-" if t["passed"] is None else ("yes" if t["passed"] else "**no**"),
+                ]
+                for t in digits["targets"]
+            ],
+        ),
+        "",
+        "## digits-acf-l2: sampling",
+        "",
+        bench_table(bench_d, "sample"),
+        "",
+        "## digits-acf-l2: density (log-likelihood, exact log-det)",
+        "",
+        bench_table(bench_d, "density"),
+        "",
+        f"FLOPs counted from the ONNX graphs: sampling {bench_d['graphs']['sample']['flops_per_sample']['1'] / 1e6:.2f} MFLOP per sample, "
+        f"density {bench_d['graphs']['density']['flops_per_sample']['1'] / 1e6:.1f} MFLOP per sample. {bound_sentence(bench_d)}. "
+        + results["bound_note"],
+        "",
+        "## Iterations: certified, calibrated, oracle",
+        "",
+        table(
+            ["schedule", "total iterations", "round trip data max abs", "round trip z max rel"],
+            [
+                [
+                    "certified (per block, from L and a radius)",
+                    it["certified_total"],
+                    rt["certified"]["data_max_abs"],
+                    rt["certified"]["latent_max_rel"],
+                ],
+                [
+                    "calibrated (exported)",
+                    it["calibrated_total"],
+                    rt["calibrated"]["data_max_abs"],
+                    rt["calibrated"]["latent_max_rel"],
+                ],
+                [
+                    "oracle, mean over samples",
+                    it.get("oracle_mean_total"),
+                    rt.get("oracle", {}).get("data_max_abs"),
+                    rt.get("oracle", {}).get("latent_max_rel"),
+                ],
+                ["oracle, max over samples", it.get("oracle_max_total"), "", ""],
+            ],
+        ),
+        "",
+        f"Per block: certified {[b['n_iter_certified'] for b in manifest['blocks']]}, calibrated "
+        f"{[b['n_iter_calibrated'] for b in manifest['blocks']]}, oracle max {it.get('oracle_block_max')}. The oracle is the fewest fp32 "
+        "iterations each calibration sample (held-out digits and prior samples) needs to get within tol of its float64 "
+        "reference; its round trip uses each sample's own counts.",
+        "",
+        "## Loop vs unrolled sampling graph",
+        "",
+        table(
+            ["batch", "variant", "median ms", "p90 ms", "CPU ms", "samples/s"],
+            [
+                [str(r["batch"]), r["variant"], r["median_ms"], r["p90_ms"], r["cpu_ms"], r["samples_per_s"]]
+                for r in digits["loop_vs_unroll"]
+            ],
+        ),
+        "",
+        results["loop_note"],
+        "",
+        "## ONNX Runtime session options (sampling graph)",
+        "",
+        table(
+            ["batch", "optimisation", "intra-op threads", "mode", "median ms", "CPU ms"],
+            [
+                [str(r["batch"]), r["level"], r["threads"], r["mode"], r["median_ms"], r["cpu_ms"]]
+                for r in digits["sessions"]
+            ],
+        ),
+        "",
+        "## Time vs fixed-point iterations",
+        "",
+        table(
+            ["batch", "backend", "iterations per block", "total", "median ms", "ms per iteration"],
+            [
+                [
+                    str(r["batch"]),
+                    r["backend"],
+                    r["iterations_per_block"],
+                    r["iterations_total"],
+                    r["median_ms"],
+                    r["median_ms"] / r["iterations_total"],
+                ]
+                for r in digits["iterations"]
+            ],
+        ),
+        "",
+        "## Streamed generation: peak memory",
+        "",
+        table(
+            ["samples", "peak RSS MiB", "wall s", "samples/s", "output MiB"],
+            [[r["n"], r["peak_rss_mib"], r["wall_s"], r["samples_per_s"], r["output_mib"]] for r in results["rss"]],
+        ),
+        "",
+        "`acf-deploy sample --n N --out x.npy --backend ort --batch 256` in a fresh subprocess (peak RSS from `wait4`); "
+        "the samples stream into a memory-mapped `.npy`, so the peak does not grow with N.",
+        "",
+    ]
+    if "mnist" in results:
+        mn = results["mnist"]
+        mm = mn["manifest"]
+        out += [
+            "## A larger preset: mnist-acf-l2 shape (untrained)",
+            "",
+            f"`mnist-acf-l2` config (1x28x28, hidden {mm['config']['hidden']}, {mm['config']['heads']} heads, scales "
+            f"{mm['config']['scales']}; attention over N = 196 and 49 tokens), weights untrained, ActNorm initialised on random "
+            f"8-bit levels (no data needed). Log-det `{mm['logdet']['mode']}` ({mm['logdet'].get('terms')} terms, "
+            f"{mm['logdet'].get('probes')} probes); {mm['iterations']['exported_total']} iterations (certified {mm['iterations']['certified_total']}).",
+            "",
+            "### sampling",
+            "",
+            bench_table(mn["bench"], "sample"),
+            "",
+            "### density",
+            "",
+            bench_table(mn["bench"], "density"),
+            "",
+        ]
+    out += ["## Plots", ""] + [f"![{name}](benchmarks/{name})" for name in files] + [""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="digits-acf-l2 checkpoint (default: the shipped one)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all cores)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats, small batches, no mnist")
+    parser.add_argument("--no-mnist", action="store_true", help="skip the larger preset")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    threads = args.threads or default_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+    from acf_deploy.quickstart import shipped_model
+
+    checkpoint = args.checkpoint or shipped_model()
+    if not (Path(checkpoint) / "model.json").is_file():
+        raise SystemExit(f"no checkpoint at {checkpoint}; pass --checkpoint DIR")
+    quick = args.quick
+    repeats = 5 if quick else 30
+    batches = [1, 16] if quick else [1, 16, 64, 256]
+    density_batches = [1, 16] if quick else [1, 16, 64, 256]
+
+    results: dict[str, Any] = {
+        "threads": threads,
+        "quick": quick,
+        "machine": {**machine_info(threads), "matmul_peak": matmul_peak(threads)},
+    }
+    with tempfile.TemporaryDirectory(prefix="acf-bench-") as tmp:
+        work = Path(tmp)
+        loop_dir = export(Path(checkpoint), work / "digits")
+        manifest = json.loads((loop_dir / MANIFEST).read_text())
+        default_inverse = manifest["inverse"]["mode"]
+        other = "unroll" if default_inverse == "loop" else "loop"
+        other_dir = sample_variant(loop_dir, work / f"digits-{other}", other)
+        dirs = {default_inverse: loop_dir, other: other_dir}
+
+        log("digits: sample and density vs batch")
+        sample_report = bench(loop_dir, ["torch", "ort", "resflow"], batches, ["sample"], threads, repeats, 15)
+        density_report = bench(
+            loop_dir, ["torch", "ort"], density_batches, ["density"], threads, max(3, repeats // 6), 25
+        )
+        digits = {**sample_report, "results": sample_report["results"] + density_report["results"]}
+        digits["graphs"].update(density_report["graphs"])
+        log("digits: loop vs unroll")
+        lvu = loop_vs_unroll(dirs["loop"], dirs["unroll"], [1, 256] if not quick else [1], threads, repeats)
+        log("digits: session options")
+        sessions = session_sweep(loop_dir, [1, 256] if not quick else [1], sorted({1, threads}), max(5, repeats // 2))
+        log("digits: time vs iterations")
+        iters = iteration_sweep(
+            loop_dir,
+            work,
+            [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16],
+            [1, 256] if not quick else [1],
+            threads,
+            max(3, repeats // 3),
+        )
+        log("streamed sampling memory")
+        rss = [streamed_rss(loop_dir, work, n, threads) for n in ((2_000, 10_000) if quick else (10_000, 100_000))]
+        results["digits"] = {
+            "checkpoint": str(checkpoint),
+            "manifest": manifest,
+            "bench": digits,
+            "loop_vs_unroll": lvu,
+            "sessions": sessions,
+            "iterations": iters,
+            "targets": targets(digits, manifest),
+        }
+        results["rss"] = rss
+        if not (quick or args.no_mnist):
+            log("mnist-acf-l2 (untrained): export")
+            mnist_dir = export(mnist_checkpoint(work), work / "mnist")
+            log("mnist-acf-l2: sample and density")
+            mnist_sample = bench(mnist_dir, ["torch", "ort"], [1, 16, 64], ["sample"], threads, 5, 15)
+            mnist_density = bench(mnist_dir, ["torch", "ort"], [1, 8], ["density"], threads, 3, 15)
+            mnist = {**mnist_sample, "results": mnist_sample["results"] + mnist_density["results"]}
+            mnist["graphs"].update(mnist_density["graphs"])
+            results["mnist"] = {"manifest": json.loads((mnist_dir / MANIFEST).read_text()), "bench": mnist}
+
+    results["loop_note"] = loop_note(lvu, default_inverse)
+    results["bound_note"] = BOUND_NOTE
+    results["elapsed_s"] = time.perf_counter() - started
+    results["python"] = platform.python_version()
+    files = plots(results)
+    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    args.out.write_text(markdown(results, files))
+    log(f"wrote {args.out} and {HERE / 'results.json'} in {results['elapsed_s']:.0f} s")
+    print(
+        json.dumps(
+            {t["target"]: [t["value"], t["passed"]] for t in results["digits"]["targets"]}, indent=1, default=float
+        )
+    )
+
+
+BOUND_NOTE = (
+    "What bounds it: every GEMM in these graphs is tiny (attention tiles of N x N = 16 x 16 or 4 x 4 per head, "
+    "convolutions over 4x4 or 2x2 maps with 4-32 channels), so at batch 1 the time goes to per-operator dispatch "
+    "(a few microseconds per node, ~40 nodes per fixed-point iteration) rather than arithmetic, and at batch 256 to "
+    "batched small matrix products (one kernel call per sample and head), memory-bound element-wise ops "
+    "(LipSwish, softmax, the logits) and layout reorders around the convolutions; none of them reaches the "
+    "blocking that a 1024^3 SGEMM does."
+)
+
+
+def loop_note(rows: list[dict], default: str) -> str:
+    by = {(r["variant"], r["batch"]): r for r in rows}
+    parts = []
+    for batch in sorted({r["batch"] for r in rows}):
+        loop, unroll = by.get(("ort-loop", batch)), by.get(("ort-unroll", batch))
+        if loop and unroll:
+            parts.append(
+                f"batch {batch}: Loop {loop['median_ms']:.3f} ms vs unrolled {unroll['median_ms']:.3f} ms ({unroll['median_ms'] / loop['median_ms']:.2f}x)"
+            )
+    return f"Measured ({'; '.join(parts)}). The default (`ExportOptions.inverse`, `acf-deploy export --inverse`) is `{default}`."
+
+
+if __name__ == "__main__":
+    main()
