@@ -84,9 +84,25 @@ def open_artifact(root: str | Path, verify: bool = True) -> Artifact:
         raise BadInput(
             f"{manifest_path} has format version {found!r}, this acf-deploy reads {FORMAT_VERSION}; re-export"
         )
-    for key in ("graphs", "files", "data_shape", "dim", "logdet"):
-        if key not in manifest:
-            raise BadInput(f"{manifest_path} lacks the field {key!r}; re-export")
+    expected_types = {
+        "graphs": dict,
+        "files": dict,
+        "data_shape": list,
+        "dim": int,
+        "logdet": dict,
+        "blocks": list,
+        "config": dict,
+        "inverse": dict,
+        "iterations": dict,
+        "preset": str,
+    }
+    for key, kind in expected_types.items():
+        if not isinstance(manifest.get(key), kind):
+            problem = "lacks the field" if key not in manifest else f"has a malformed (not {kind.__name__})"
+            raise BadInput(f"{manifest_path} {problem} {key!r}; re-export")
+    for graph in ("sample", "density"):
+        if not isinstance(manifest["graphs"].get(graph), dict) or "file" not in manifest["graphs"][graph]:
+            raise BadInput(f"{manifest_path} does not describe the {graph} graph; re-export")
     artifact = Artifact(root=root, manifest=manifest)
     if verify:
         for name in manifest["files"]:
