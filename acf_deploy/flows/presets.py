@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "blocks": 8,
         "hidden": 64,
         "coeff": 0.9,
-        "train": {**_TRAIN, "epochs": 12, "batch_size": 200, "lr": 5e-3, "train_size": 8000},
+        "train": {**_TRAIN, "epochs": 30, "batch_size": 200, "lr": 5e-3, "train_size": 8000},
     },
     "mnist-acf-l2": {
         "data": "mnist",
