@@ -1,6 +1,7 @@
 """Checkpoints: ``model.safetensors`` (weights) plus ``model.json`` (preset, config, metrics, version).
 
-No pickle is ever loaded. Loading checks the format version, the preset and every tensor shape
+No pickle is ever loaded. Loading checks the format version, the preset, the weights' sha256 (recorded
+in the metadata, so flipped bytes inside a well-formed file are caught too) and every tensor shape,
 and says exactly what is wrong.
 """
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import BadInput
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, sha256_file, write_json
 from .flows.flow import Flow
 from .flows.presets import PRESETS, build_flow
 
@@ -46,6 +47,7 @@ def save_checkpoint(flow: Flow, config: dict[str, Any], directory: str | Path, m
         {
             "format_version": FORMAT_VERSION,
             "preset": config["preset"],
+            "weights_sha256": sha256_file(weights),
             "config": config,
             "preprocessing": {
                 "n_levels": config["n_levels"],
@@ -68,8 +70,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInput(f"{meta_path} is not valid JSON (corrupt or truncated checkpoint)") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise BadInput(f"{meta_path} holds a JSON {type(meta).__name__}, not checkpoint metadata (an object)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version")
         raise BadInput(f"{meta_path} has checkpoint format version {found!r}; this acf-deploy reads {FORMAT_VERSION}")
     preset = meta.get("preset")
     if preset not in PRESETS:
@@ -111,9 +115,13 @@ def load_checkpoint(path: str | Path) -> tuple[Flow, dict[str, Any]]:
     """Rebuild the flow from its config and load its weights; returns ``(flow in eval mode, metadata)``."""
     weights, _ = _paths(path)
     meta = read_meta(path)
+    tensors = read_tensors(weights)
+    expected = meta.get("weights_sha256")
+    if expected is not None and sha256_file(weights) != expected:
+        raise BadInput(f"{weights} does not match the sha256 recorded in {META} (corrupt or replaced weights)")
     try:
         flow = build_flow(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"{path}: the config cannot build a flow ({exc})") from None
-    load_state(flow, read_tensors(weights), weights)
+    load_state(flow, tensors, weights)
     return flow.eval(), meta

@@ -19,6 +19,10 @@ from .base import Branch, Tensor
 
 #: Largest explicit operator (rows or columns) whose norm is computed by a dense SVD.
 DENSE_SVD_LIMIT = 4096
+#: Power-iteration steps at construction, so that u, v (and hence sigma, even in eval mode before
+#: any training step) start near the top singular vectors instead of at random vectors, whose
+#: ``u^T W v`` can be tiny or negative and would leave the weight unnormalised.
+INIT_POWER_ITERATIONS = 30
 
 
 def _normalize(t: Tensor) -> Tensor:
@@ -49,18 +53,21 @@ class _SpectralNorm(Branch):
     def baked(self) -> bool:
         return self.baked_weight.numel() > 0
 
+    @torch.no_grad()
+    def power_iteration(self, n_iterations: int) -> None:
+        """Run ``n_iterations`` power-iteration steps on the current weight, updating u, v in place."""
+        u, v = self.u, self.v
+        for _ in range(n_iterations):
+            v = _normalize(self._op_t(self.weight, u))
+            u = _normalize(self._op(self.weight, v))
+        self.u.copy_(u)
+        self.v.copy_(v)
+
     def _power_sigma(self) -> Tensor:
         """Differentiable estimate ``u^T W v`` after updating u, v in place while training."""
-        weight = self.weight
         if self.training:
-            with torch.no_grad():
-                u, v = self.u, self.v
-                for _ in range(self.n_power_iterations):
-                    v = _normalize(self._op_t(weight, u))
-                    u = _normalize(self._op(weight, v))
-                self.u.copy_(u)
-                self.v.copy_(v)
-        return (self.u * self._op(weight, self.v)).sum()
+            self.power_iteration(self.n_power_iterations)
+        return (self.u * self._op(self.weight, self.v)).sum()
 
     def effective_weight(self) -> Tensor:
         if self.baked:
@@ -77,8 +84,11 @@ class _SpectralNorm(Branch):
             weight = self.effective_weight().detach().clone()
             self.train(was_training)
             norm = self.exact_norm(weight)
-            if norm > self.coeff:
-                weight = weight * (self.coeff / norm)
+            # Rescale until the certified norm is at most coeff: rounding the rescaled weight to its
+            # dtype can leave it a few ulps above (0.9000000117 in float32), hence the small margin.
+            margin = 1.0 - 4 * torch.finfo(weight.dtype).eps
+            while norm > self.coeff:
+                weight = weight * (self.coeff / norm * margin)
                 norm = self.exact_norm(weight)
         self.baked_weight = weight
         self.certified_norm = norm
@@ -101,6 +111,7 @@ class SNLinear(_SpectralNorm):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.register_buffer("u", _normalize(torch.randn(out_features)))
         self.register_buffer("v", _normalize(torch.randn(in_features)))
+        self.power_iteration(INIT_POWER_ITERATIONS)
 
     def _op(self, weight: Tensor, v: Tensor) -> Tensor:
         return weight @ v
@@ -140,6 +151,7 @@ class SNConv2d(_SpectralNorm):
         h, w = self.input_hw
         self.register_buffer("u", _normalize(torch.randn(1, out_channels, h, w)))
         self.register_buffer("v", _normalize(torch.randn(1, in_channels, h, w)))
+        self.power_iteration(INIT_POWER_ITERATIONS)
 
     def _op(self, weight: Tensor, v: Tensor) -> Tensor:
         return F.conv2d(v, weight, padding=self.padding)
