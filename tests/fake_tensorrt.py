@@ -226,6 +226,11 @@ def write_artifact(
         "logdet": {"mode": "series", "probes": PROBES},
         "batch_axis": "batch",
         "precision": precision,
+        "preset": "toy-resflow",
+        "config": {"preset": "toy-resflow", "data": "moons"},
+        "blocks": [],
+        "inverse": {"mode": "loop"},
+        "iterations": {"exported_total": 0},
     }
     write_json(root / "manifest.json", manifest)
     return root
