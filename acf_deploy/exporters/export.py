@@ -117,8 +117,8 @@ def export_artifact(
     density = export_density(graph_flow, mode, opts.terms, opts.probes, example_x, opts.opset)
     exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
     sample = exporter(graph_flow, counts, example_z, opts.opset)
-    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))
     density, sample = (optimize_graph(model) for model in (density, sample))  # fold static shapes, dead code
+    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))  # type-check last
     if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
         raise BadInput(
             f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
