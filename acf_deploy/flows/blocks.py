@@ -65,7 +65,7 @@ class _LuLogdetOp(torch.autograd.Function):
 def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`lu_logdet`, exported as a single loop instead of ``D`` unrolled elimination steps."""
     if torch.onnx.is_in_onnx_export():
-        return _LuLogdetOp.apply(a, a.shape[-1])
+        return _LuLogdetOp.apply(a, int(a.shape[-1]))
     return lu_logdet(a)
 
 
