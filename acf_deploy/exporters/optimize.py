@@ -466,6 +466,19 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def _dense_conv(weight: np.ndarray, bias: np.ndarray | None, shape: list[int], pads, strides) -> tuple:
     """The convolution of a ``(C, H, W)`` map as a matrix ``(C H W, C' H' W')`` and a bias row."""
+    key = (weight.tobytes(), weight.shape, None if bias is None else bias.tobytes(), tuple(shape), tuple(pads))
+    key += (tuple(strides),)
+    if key not in _DENSE_CACHE:
+        if len(_DENSE_CACHE) > 256:
+            _DENSE_CACHE.clear()
+        _DENSE_CACHE[key] = _dense_conv_uncached(weight, bias, shape, pads, strides)
+    return _DENSE_CACHE[key]
+
+
+_DENSE_CACHE: dict[tuple, tuple] = {}
+
+
+def _dense_conv_uncached(weight: np.ndarray, bias: np.ndarray | None, shape: list[int], pads, strides) -> tuple:
     import torch
     import torch.nn.functional as F
 
@@ -663,6 +676,8 @@ def _fold_forward(graph, scopes, node, data, factor, users, outputs) -> bool:
 
 def _fold_backward(graph, scopes, node, data, factor, users, outputs) -> bool:
     """Scale the constant weight of the MatMul that ``data`` comes from (through single-use moves)."""
+    if node.output[0] in outputs:
+        return False
     producers = {o: n for n in graph.node for o in n.output}
     name = data
     while True:
@@ -744,9 +759,11 @@ def optimize_graph(model: ModelProto) -> ModelProto:
     """The exporter's post-trace passes: fold weight-only nodes, static shapes, shared weights, dead code."""
     fold_weight_only(model)
     fold_static_shapes(model)
-    share_initializers(model)
+    constants_to_initializers(model)
     dense_small_convs(model)
     fold_scalar_scales(model)
     drop_softmax_shifts(model)
+    dead_code_elimination(model)
+    share_initializers(model)  # last: the passes above write per-node copies of shared weights
     dead_code_elimination(model)
     return model
