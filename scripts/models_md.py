@@ -48,6 +48,7 @@ def main() -> None:
         "Regenerate this page with `python scripts/models_md.py`. L certified is the exact operator-norm bound of the\n"
         "baked block; L measured is the largest constant found by power iteration and an adversarial search on\n"
         "held-out data and prior samples (a lower bound). The attention share is `||gamma F/B|| / ||h||`, averaged over data.\n\n"
+        "Training times are wall-clock on the 2-core CPU machine with 2 torch threads.\n\n"
     )
     body = "\n".join(section(d) for d in sorted(MODELS.iterdir()) if (d / "model.json").is_file())
     (ROOT / "MODELS.md").write_text(header + body)
