@@ -614,87 +614,106 @@ def _fold_scales(graph: GraphProto, scopes: list) -> int:
     for node in graph.node:
         for sub in _subgraphs(node):
             done += _fold_scales(sub, scopes)
-    changed = True
-    while changed:
-        changed = False
-        users = _consumers(graph)
-        outputs = {o.name for o in graph.output}
-        for node in list(graph.node):
-            if node.op_type not in ("Div", "Mul") or len(node.input) != 2:
-                continue
-            scalar_at = 1 if _scalar(node.input[1], scopes) is not None else 0
-            if node.op_type == "Div" and scalar_at != 1:
-                continue
-            c = _scalar(node.input[scalar_at], scopes)
-            if c is None or c == 0:
-                continue
-            factor = 1.0 / c if node.op_type == "Div" else c
-            data = node.input[1 - scalar_at]
-            if _fold_forward(graph, scopes, node, data, factor, users, outputs) or (
-                node.op_type == "Mul" and _fold_backward(graph, scopes, node, data, factor, users, outputs)
-            ):
-                scopes[-1] = {i.name: i for i in graph.initializer}
-                done += 1
-                changed = True
-                break
+    state = _FoldState(graph, scopes)
+    for node in list(graph.node):
+        if node.op_type not in ("Div", "Mul") or len(node.input) != 2:
+            continue
+        scalar_at = 1 if _scalar(node.input[1], scopes) is not None else 0
+        if node.op_type == "Div" and scalar_at != 1:
+            continue
+        c = _scalar(node.input[scalar_at], scopes)
+        if c is None or c == 0:
+            continue
+        factor = 1.0 / c if node.op_type == "Div" else c
+        data = node.input[1 - scalar_at]
+        if state.forward(node, data, factor) or (node.op_type == "Mul" and state.backward(node, data, factor)):
+            done += 1
+    state.finish()
     return done
 
 
-def _fold_forward(graph, scopes, node, data, factor, users, outputs) -> bool:
-    """Push ``factor`` into every linear end of the uses of ``node``'s output, then bypass ``node``."""
-    ends: list[tuple[onnx.NodeProto, int]] = []
-    stack = [node.output[0]]
-    while stack:
-        name = stack.pop()
-        if name in outputs:
-            return False
-        for user in users.get(name, []):
-            if list(_subgraphs(user)):
-                return False
-            if user.op_type in _MOVES and user.input[0] == name:
-                stack.append(user.output[0])
-            elif user.op_type in ("MatMul", "Conv") and user.input[0] == name and len(user.input) > 1:
-                if _constant_array(user.input[1], scopes) is None:
-                    return False
-                ends.append((user, 1))
-            elif user.op_type == "Mul" and name in user.input:
-                other = 1 - list(user.input).index(name)
-                if _scalar(user.input[other], scopes) is None:
-                    return False
-                ends.append((user, other))
-            else:
-                return False
-    if not ends:
-        return False
-    for user, slot in ends:
-        user.input[slot] = _scaled_constant(graph, scopes, user.input[slot], factor)
-    for user in users.get(node.output[0], []):
-        user.input[:] = [data if n == node.output[0] else n for n in user.input]
-    graph.node.remove(node)
-    return True
+class _FoldState:
+    """Users and producers of one graph, kept current while nodes are bypassed."""
 
+    def __init__(self, graph: GraphProto, scopes: list):
+        self.graph, self.scopes = graph, scopes
+        self.users = _consumers(graph)
+        self.producers = {o: n for n in graph.node for o in n.output}
+        self.outputs = {o.name for o in graph.output}
+        self.removed: set[int] = set()
 
-def _fold_backward(graph, scopes, node, data, factor, users, outputs) -> bool:
-    """Scale the constant weight of the MatMul that ``data`` comes from (through single-use moves)."""
-    if node.output[0] in outputs:
-        return False
-    producers = {o: n for n in graph.node for o in n.output}
-    name = data
-    while True:
-        producer = producers.get(name)
-        if producer is None or name in outputs or len(users.get(name, [])) != 1:
+    def _constant(self, name: str) -> bool:
+        return any(name in scope for scope in self.scopes)
+
+    def _scale(self, name: str, factor: float) -> str:
+        new = _scaled_constant(self.graph, self.scopes, name, factor)
+        self.scopes[-1][new] = self.graph.initializer[-1]
+        return new
+
+    def _bypass(self, node: onnx.NodeProto, data: str) -> None:
+        out = node.output[0]
+        moved = self.users.pop(out, [])
+        for user in moved:
+            user.input[:] = [data if n == out else n for n in user.input]
+        self.users[data] = [u for u in self.users.get(data, []) if u is not node] + moved
+        self.producers.pop(out, None)
+        self.removed.add(id(node))
+
+    def forward(self, node: onnx.NodeProto, data: str, factor: float) -> bool:
+        """Push ``factor`` into every linear end of the uses of ``node``'s output, then bypass ``node``."""
+        ends: list[tuple[onnx.NodeProto, int]] = []
+        stack = [node.output[0]]
+        while stack:
+            name = stack.pop()
+            if name in self.outputs:
+                return False
+            for user in self.users.get(name, []):
+                if list(_subgraphs(user)):
+                    return False
+                if user.op_type in _MOVES and user.input[0] == name:
+                    stack.append(user.output[0])
+                elif user.op_type in ("MatMul", "Conv") and user.input[0] == name and len(user.input) > 1:
+                    if not self._constant(user.input[1]):
+                        return False
+                    ends.append((user, 1))
+                elif user.op_type == "Mul" and name in user.input:
+                    other = 1 - list(user.input).index(name)
+                    if _scalar(user.input[other], self.scopes) is None:
+                        return False
+                    ends.append((user, other))
+                else:
+                    return False
+        if not ends:
             return False
-        if producer.op_type in _MOVES:
-            name = producer.input[0]
-            continue
-        if producer.op_type == "MatMul" and _constant_array(producer.input[1], scopes) is not None:
-            producer.input[1] = _scaled_constant(graph, scopes, producer.input[1], factor)
-            break
-        return False
-    for user in users.get(node.output[0], []):
-        user.input[:] = [data if n == node.output[0] else n for n in user.input]
-    graph.node.remove(node)
-    return True
+        for user, slot in ends:
+            user.input[slot] = self._scale(user.input[slot], factor)
+        self._bypass(node, data)
+        return True
+
+    def backward(self, node: onnx.NodeProto, data: str, factor: float) -> bool:
+        """Scale the constant weight of the MatMul that ``data`` comes from (through single-use moves)."""
+        if node.output[0] in self.outputs:
+            return False
+        name = data
+        while True:
+            producer = self.producers.get(name)
+            if producer is None or name in self.outputs or len(self.users.get(name, [])) != 1:
+                return False
+            if producer.op_type in _MOVES:
+                name = producer.input[0]
+                continue
+            if producer.op_type == "MatMul" and self._constant(producer.input[1]):
+                producer.input[1] = self._scale(producer.input[1], factor)
+                break
+            return False
+        self._bypass(node, data)
+        return True
+
+    def finish(self) -> None:
+        if self.removed:
+            kept = [n for n in self.graph.node if id(n) not in self.removed]
+            del self.graph.node[:]
+            self.graph.node.extend(kept)
 
 
 def drop_softmax_shifts(model: ModelProto) -> int:
