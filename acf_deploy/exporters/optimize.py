@@ -166,9 +166,28 @@ def _partial_values(
             out = list(ins[0])
         elif node.op_type in ("Mul", "Add", "Sub", "Div") and all(v is not None for v in ins[:2]):
             out = _arith(node.op_type, ins[0], ins[1])
+        elif node.op_type == "Reshape" and ins[0] is not None and ins[1] is not None and len(ins[1]) == 1:
+            out = list(ins[0])  # a shape vector reshaped to 1-D stays itself
+        elif node.op_type == "ConstantOfShape" and ins[0] is not None and len(ins[0]) == 1:
+            length, fill = ins[0][0], attrs.get("value")
+            fill_value = _int_constant(fill) if fill is not None else [0]
+            if isinstance(length, int) and length <= 16 and fill_value:
+                out = fill_value * length
+        elif node.op_type == "Equal" and ins[0] is not None and ins[1] is not None and len(ins[0]) == len(ins[1]):
+            out = [_equal(a, b) for a, b in zip(ins[0], ins[1], strict=True)]
+        elif node.op_type == "Where" and all(v is not None for v in ins[:3]) and len({len(v) for v in ins[:3]}) == 1:
+            out = [x if c == 1 else y if c == 0 else None for c, x, y in zip(*ins[:3], strict=True)]
         if out is not None and len(node.output) == 1:
             values[node.output[0]] = out
     return values
+
+
+def _equal(a, b) -> int | None:
+    if isinstance(a, int) and isinstance(b, int):
+        return int(a == b)
+    if (isinstance(a, str) and b == -1) or (isinstance(b, str) and a == -1):
+        return 0  # a symbolic dimension is a size, never -1
+    return None
 
 
 def _arith(op: str, a: Partial, b: Partial) -> Partial | None:
@@ -224,6 +243,8 @@ def _static_target(
             and all(isinstance(v, int) and v > 0 for i, v in enumerate(partial) if i != unknown[0])
         ):
             return [-1 if i == unknown[0] else v for i, v in enumerate(partial)]  # e.g. (batch * D, C, H, W)
+    if node.op_type == "Expand" and partial is not None and None not in partial and len(partial) == len(inp):
+        out = [i if t == 1 else t for i, t in zip(inp, partial, strict=True)]  # numpy-style broadcast
     if out is None or any(d is None for d in out):
         return None
     dynamic = [i for i, d in enumerate(out) if isinstance(d, str)]
