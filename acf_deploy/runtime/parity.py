@@ -23,7 +23,6 @@ LIMITS = {
     "sample_max_abs": 1e-4,
     "log_prob_max_abs": 1e-3,
     "roundtrip_max_abs": 1e-4,
-    "roundtrip_latent_max_rel": 1e-4,
 }
 
 #: Binding limits per exported precision, always against the fp32 PyTorch reference. DESIGN 5 bounds
