@@ -230,39 +230,6 @@ def _inline(nodes: list, inits: list, model: onnx.ModelProto, prefix: str, renam
     inits.extend(graph.initializer)
 
 
-def _loop_body(
-    step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int, step_dtype: int | None = None
-) -> onnx.GraphProto:
-    """Body ``(iter, cond, x, step) -> (cond, y - g(x), ||x_new - x||)``, reading ``y`` from the outer scope.
-
-    ``dtype`` is the type of the loop-carried ``x`` (half in reduced-precision exports), ``step_dtype``
-    that of the step norm (fp32 there; ``dtype`` by default).
-    """
-    step_dtype = dtype if step_dtype is None else step_dtype
-    nodes: list = []
-    inits: list = []
-    x_in, d_in = f"{prefix}x_in", f"{prefix}step_in"
-    x_out, d_out = f"{prefix}x_out", f"{prefix}step_out"
-    _inline(nodes, inits, step, prefix, {"x": x_in, "y": outer_y, "x_new": x_out, "step": d_out})
-    nodes.append(helper.make_node("Identity", [f"{prefix}cond_in"], [f"{prefix}cond_out"]))
-    return helper.make_graph(
-        nodes,
-        f"{prefix}body",
-        [
-            helper.make_tensor_value_info(f"{prefix}iter", TensorProto.INT64, []),
-            helper.make_tensor_value_info(f"{prefix}cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(x_in, dtype, shape_x),
-            helper.make_tensor_value_info(d_in, step_dtype, [BATCH]),
-        ],
-        [
-            helper.make_tensor_value_info(f"{prefix}cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(x_out, dtype, shape_x),
-            helper.make_tensor_value_info(d_out, step_dtype, [BATCH]),
-        ],
-        initializer=inits,
-    )
-
-
 def _iterate_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int) -> onnx.GraphProto:
     """Body ``(iter, cond, x) -> (cond, y - g(x))``, reading ``y`` from the outer scope."""
     nodes: list = []
