@@ -281,3 +281,22 @@ def roundtrip_errors(
     z_back = flow(x_prior, LogdetSpec(mode="none")).z
     rel = (z_back - prior_z).norm(dim=1) / prior_z.norm(dim=1)
     return {"data_max_abs": float((x_back - data_x).abs().max()), "latent_max_rel": float(rel.max())}
+
+
+@torch.no_grad()
+def latent_roundtrip_floor(flow: Flow, z: torch.Tensor) -> torch.Tensor:
+    """Per sample, the z -> x -> z error (relative to ``||z||``) of a perfect fp32 sampler.
+
+    The float64 inverse is iterated to convergence, its ``x`` rounded to fp32 and pushed through the
+    fp32 forward pass (the density graph's reference), so no fp32 sampler can do better. Near the edges
+    of the logit's domain (``x`` slightly above 1 or below 0) the forward map is so steep that this
+    floor alone exceeds 1e-4.
+    """
+    flow64 = copy.deepcopy(flow).double()
+    z64 = z.double()
+    h = z64.reshape(len(z64), *flow64._latent_shape())
+    for layer in reversed(flow64.layers):
+        h = converged_inverse(layer, h) if isinstance(layer, ResidualBlock) else layer.inverse(h)
+    x = flow64.preprocess.inverse(h) if flow64.preprocess is not None else h
+    z_back = flow(x.float(), LogdetSpec(mode="none")).z.double()
+    return (z_back - z64).norm(dim=1) / z64.norm(dim=1)
