@@ -139,7 +139,7 @@ ARTIFACT_DAMAGE = {
     "truncated-sample": ("sample.onnx", _truncate, "sha256"),
     "missing-density": ("density.onnx", Path.unlink, "missing"),
     "missing-golden": ("golden.npz", Path.unlink, "missing"),
-    "unloadable-density": ("density.onnx", _truncate_and_rehash, "cannot be loaded by ONNX Runtime"),
+    "unloadable-sample": ("sample.onnx", _truncate_and_rehash, "cannot be loaded by ONNX Runtime"),
     "missing-manifest": ("manifest.json", Path.unlink, "manifest.json is missing"),
     "truncated-manifest": ("manifest.json", _truncate, "not valid JSON"),
     "manifest-wrong-version": (
@@ -172,6 +172,17 @@ def test_damaged_artifact_is_one_clear_line(toy_copy: Path, tmp_path: Path, case
         result = invoke("sample", toy_copy, "--n", 8, "--out", tmp_path / "x.npy")
     assert_one_error_line(result, 2, fragment)
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_one_graph_jobs_load_only_their_graph(toy_copy: Path, tmp_path: Path):
+    """``sample`` never builds a session on the density graph (slow to build), so a broken one cannot stop
+    it; ``score`` needs it and says so in one line."""
+    _truncate_and_rehash(toy_copy / "density.onnx")
+    result = invoke("sample", toy_copy, "--n", 8, "--out", tmp_path / "x.npy")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "x.npy").shape[0] == 8
+    points = _points(tmp_path, np.load(tmp_path / "x.npy"))
+    assert_one_error_line(invoke("score", toy_copy, points), 2, "cannot be loaded by ONNX Runtime")
 
 
 def test_damaged_artifact_fails_golden_check_too(toy_copy: Path):

@@ -9,8 +9,14 @@ from .base import Backend
 BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
 
 
-def open_backend(name: str, artifact: Artifact, threads: int | None = None) -> Backend:
-    """Open ``artifact`` on backend ``name``; raises BackendUnavailable (exit 3) when it cannot run here."""
+def open_backend(
+    name: str, artifact: Artifact, threads: int | None = None, graphs: tuple[str, ...] = ("sample", "density")
+) -> Backend:
+    """Open ``artifact`` on backend ``name``; raises BackendUnavailable (exit 3) when it cannot run here.
+
+    ``graphs``: the ONNX Runtime sessions to create (a session on the exact log-det graph takes longer
+    to build than a whole sampling batch, so one-graph jobs open only theirs).
+    """
     if name == "torch":
         from .torch_backend import TorchBackend
 
@@ -19,7 +25,7 @@ def open_backend(name: str, artifact: Artifact, threads: int | None = None) -> B
         from .ort_backend import OrtBackend
 
         device = {"ort": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[name]
-        return OrtBackend(artifact, device=device, threads=threads)
+        return OrtBackend(artifact, device=device, threads=threads, graphs=graphs)
     if name == "trt":
         from .trt_backend import TrtBackend
 

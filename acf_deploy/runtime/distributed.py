@@ -472,7 +472,7 @@ def score_job(
         check_npy_target(target)
     if options is not None:
         return score_distributed(artifact, data, seed, batch, options, on_progress, target)
-    with open_backend(backend, artifact, threads=threads) as runner:
+    with open_backend(backend, artifact, threads=threads, graphs=("density",)) as runner:
         log_lik, bpd = score(runner, artifact, data, seed, batch, on_progress)
     if target is not None:
         save_npy(log_lik, target)
@@ -500,5 +500,5 @@ def sample_job(
     check_sample_request(artifact, n, target, temperature)
     if options is not None:
         return sample_distributed(artifact, n, target, temperature, seed, batch, options, on_progress)
-    with open_backend(backend, artifact, threads=threads) as runner:
+    with open_backend(backend, artifact, threads=threads, graphs=("sample",)) as runner:
         return sample_to_file(runner, artifact, n, target, temperature, seed, batch, on_progress)
