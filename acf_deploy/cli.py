@@ -297,7 +297,13 @@ def render_check(result) -> None:
     out.print(verdict)
 
 
-ENGINE_HELP = "local (one process) or ray (shards over Ray workers; bit-identical for the same --threads)."
+# Options `sample` and `score` share (one definition each, so their help cannot drift apart).
+ENGINE = typer.Option(
+    "local", help="local (one process) or ray (shards over Ray workers; bit-identical for the same --threads)."
+)
+ADDRESS = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one.")
+WORKERS = typer.Option(2, help="Ray workers, one backend each (ray engine).")
+THREADS = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray).")
 
 
 def _ray_options(engine: str, address: str | None, workers: int):
@@ -323,10 +329,10 @@ def sample(
     out_file: Path = typer.Option(..., "--out", help=".png grid or .npy array (data space, [0, 1] for images)."),
     seed: int = typer.Option(0),
     batch: int = typer.Option(256),
-    engine: str = typer.Option("local", help=ENGINE_HELP),
-    address: str | None = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one."),
-    workers: int = typer.Option(2, help="Ray workers, one backend each (ray engine)."),
-    threads: int | None = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray)."),
+    engine: str = ENGINE,
+    address: str | None = ADDRESS,
+    workers: int = WORKERS,
+    threads: int | None = THREADS,
 ) -> None:
     """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
     from .runtime.distributed import sample_job
@@ -355,10 +361,10 @@ def score(
     json_out: bool = typer.Option(False, "--json"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(256),
-    engine: str = typer.Option("local", help=ENGINE_HELP),
-    address: str | None = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one."),
-    workers: int = typer.Option(2, help="Ray workers, one backend each (ray engine)."),
-    threads: int | None = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray)."),
+    engine: str = ENGINE,
+    address: str | None = ADDRESS,
+    workers: int = WORKERS,
+    threads: int | None = THREADS,
 ) -> None:
     """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
     from .runtime.distributed import score_job
