@@ -165,3 +165,17 @@ def test_failed_sample_leaves_no_file(exports, tmp_path: Path, preset: str, suff
     assert stats["nonfinite"] == 0
     if suffix == ".npy":
         assert np.load(target).shape == (40, *artifact.data_shape)
+
+
+def test_ort_batch_shards_give_the_same_outputs_as_one_run(exports):
+    """``threads`` split a batch over concurrent single-threaded runs; no sample may notice."""
+    artifact = open_artifact(exports.artifact("digits-acf-l2"))
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((50, artifact.dim)).astype(np.float32)  # 3 shards of unequal size
+    x = np.clip(rng.random((50, *artifact.data_shape)), 0.05, 0.95).astype(np.float32)
+    with OrtBackend(artifact, threads=1) as single, OrtBackend(artifact, threads=3) as sharded:
+        assert sharded.workers == 3
+        for got, want in ((sharded.sample(z, 0.8), single.sample(z, 0.8)), (sharded.density(x), single.density(x))):
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)

@@ -35,6 +35,7 @@ from ..artifact import Artifact
 from ..errors import BadInput
 from ..exporters.optimize import fold_static_shapes, infer_shapes
 from .base import Arrays, Backend
+from .ort_backend import available_cores
 
 __all__ = [
     "BenchOptions",
@@ -68,10 +69,6 @@ class BenchOptions:
     min_repeats: int = 3
     resflow_tol: float | None = None  # None: the loosest tolerance matching our round trip
     flops: bool = True
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- machine
@@ -133,7 +130,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": _cpu_name(),
-        "cores_available": default_threads(),
+        "cores_available": available_cores(),
         "threads": threads,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -469,7 +466,7 @@ def run_bench(
     opts = opts or BenchOptions()
     say = log or (lambda _m: None)
     _check(opts)
-    threads = opts.threads or default_threads()
+    threads = opts.threads or available_cores()
     names = list(dict.fromkeys(["torch", *opts.backends]))  # eager PyTorch is always the baseline
     counts = [int(b["n_iter"]) for b in artifact.manifest.get("blocks", [])]
 
