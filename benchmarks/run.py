@@ -42,13 +42,13 @@ from acf_deploy.artifact import MANIFEST, open_artifact  # noqa: E402
 from acf_deploy.fileio import sha256_file, write_json  # noqa: E402
 from acf_deploy.runtime.bench import (  # noqa: E402
     BenchOptions,
-    default_threads,
     machine_info,
     matmul_peak,
     run_bench,
     summarize,
     time_round_robin,
 )
+from acf_deploy.runtime.ort_backend import available_cores  # noqa: E402
 
 LIMIT_ROUNDTRIP_FP32 = 1e-4  # DESIGN 5, data space
 
@@ -682,7 +682,7 @@ def main() -> None:
         lvu = loop_vs_unroll(dirs["loop"], dirs["unroll"], [1, 256] if not quick else [1], threads, repeats)
         log("digits: session options")
         sessions = session_sweep(
-            loop_dir, [1, 256] if not quick else [1], sorted({1, threads, default_threads()}), max(5, repeats // 2)
+            loop_dir, [1, 256] if not quick else [1], sorted({1, threads, available_cores()}), max(5, repeats // 2)
         )
         log("digits: time vs iterations")
         iters = iteration_sweep(
