@@ -36,7 +36,7 @@ def _ort():
 
 
 #: Fewest batch rows worth a shard of their own (below it the hand-off costs more than it saves).
-MIN_SHARD_ROWS = 16
+MIN_SHARD_ROWS = 8
 
 
 def available_cores() -> int:
