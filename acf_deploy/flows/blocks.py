@@ -59,7 +59,11 @@ class _LuLogdetOp(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, a, dim):  # type: ignore[no-untyped-def]
-        return g.op("acf::LuLogdet", a, dim_i=dim, outputs=2)
+        logdet, pivot = g.op("acf::LuLogdet", a, dim_i=dim, outputs=2)
+        per_sample = a.type().with_sizes([None])  # (B,): declared, so the tracer need not guess
+        logdet.setType(per_sample)
+        pivot.setType(per_sample)
+        return logdet, pivot
 
 
 def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
