@@ -303,7 +303,11 @@ ENGINE = typer.Option(
 )
 ADDRESS = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one.")
 WORKERS = typer.Option(2, help="Ray workers, one backend each (ray engine).")
-THREADS = typer.Option(None, help="Intra-op threads per backend (default: all cores; 1 with ray).")
+THREADS = typer.Option(
+    None,
+    help="Threads per backend: intra-op for torch, concurrent runs over batch shards for ONNX Runtime on the CPU "
+    "(default: all cores; 1 with ray).",
+)
 
 
 def _ray_options(engine: str, address: str | None, workers: int):
