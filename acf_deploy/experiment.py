@@ -41,7 +41,6 @@ from .checkpoint import load_checkpoint
 from .data import DIGITS_LEVELS, digits_split, digits_split_labelled
 from .errors import BadInput
 from .fileio import atomic_path, write_json
-from .flows.blocks import LogdetSpec
 from .flows.flow import Flow
 from .flows.presets import build_flow, preset_config
 from .report import block_report
@@ -313,22 +312,16 @@ def protocol_text(budget: Budget, seeds: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
 def noisy_bpd(
     flow: Flow, data: np.ndarray, config: dict[str, Any], sigma: float, noise_seed: int, batch_size: int = 128
 ) -> float:
     """Held-out bits/dim after AWGN ``sigma`` in data space (clipped to [0, 1]); ``sigma = 0`` is :func:`evaluate_bpd`."""
-    dequant = torch.Generator().manual_seed(EVAL_SEED)
     noise = torch.Generator().manual_seed(noise_seed)
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x = to_model_space(data[start : start + batch_size], config, dequant)
-        if sigma > 0:
-            x = (x + sigma * torch.randn(x.shape, generator=noise, dtype=x.dtype)).clamp(0.0, 1.0)
-        log_prob = flow.log_prob(x, LogdetSpec(mode="exact")).double()
-        total += float(flow.bits_per_dim(log_prob).sum())
-        count += len(x)
-    return total / count
+
+    def awgn(x: torch.Tensor) -> torch.Tensor:
+        return (x + sigma * torch.randn(x.shape, generator=noise, dtype=x.dtype)).clamp(0.0, 1.0)
+
+    return evaluate_bpd(flow, data, config, batch_size, seed=EVAL_SEED, perturb=awgn if sigma > 0 else None)
 
 
 def fit_classifier() -> tuple[Any, dict[str, Any]]:
@@ -571,12 +564,9 @@ def analyse(results: list[dict], budget: Budget) -> dict[str, Any]:
             "awgn_relative": {k: outcome(v, "lower") for k, v in row["awgn_relative"].items()},
         }
         per_sigma = list(row["outcome"]["awgn_relative"].values())
-        row["outcome"]["awgn"] = (
-            "better"
-            if per_sigma and all(o == "better" for o in per_sigma)
-            else "worse"
-            if "worse" in per_sigma
-            else "inconclusive"
+        # better at every sigma, worse at any: the claim rule of aggregate(), in comparison words
+        row["outcome"]["awgn"] = {"supported": "better", "not supported": "worse"}.get(
+            aggregate(per_sigma), "inconclusive"
         )
         samples = row["outcome"]["confident_fraction"]
         if samples == "better" and row["outcome"]["class_entropy_bits"] == "worse":

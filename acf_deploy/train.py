@@ -111,12 +111,24 @@ def diagonal_gaussian_bpd(train: np.ndarray, test: np.ndarray, config: dict[str,
 
 
 @torch.no_grad()
-def evaluate_bpd(flow: Flow, data: np.ndarray, config: dict[str, Any], batch_size: int = 128, seed: int = 0) -> float:
-    """Held-out bits/dim (images) or mean negative log-likelihood in nats (toy), exact log-det."""
+def evaluate_bpd(
+    flow: Flow,
+    data: np.ndarray,
+    config: dict[str, Any],
+    batch_size: int = 128,
+    seed: int = 0,
+    perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Held-out bits/dim (images) or mean negative log-likelihood in nats (toy), exact log-det.
+
+    ``perturb`` (e.g. added noise) is applied to each dequantised batch before it is scored.
+    """
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         x = to_model_space(data[start : start + batch_size], config, generator)
+        if perturb is not None:
+            x = perturb(x)
         log_prob = flow.log_prob(x, LogdetSpec(mode="exact")).double()
         value = flow.bits_per_dim(log_prob) if config["n_levels"] else -log_prob
         total += float(value.sum())
