@@ -35,6 +35,7 @@ __all__ = [
     "infer_shapes",
     "optimize_graph",
     "share_initializers",
+    "value_types",
     "weight_only_nodes",
 ]
 
@@ -76,7 +77,8 @@ def infer_shapes(model: ModelProto, batch: int | None = None) -> ModelProto:
     return model
 
 
-def _value_types(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> dict[str, onnx.TypeProto]:
+def value_types(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> dict[str, onnx.TypeProto]:
+    """Every value's declared type in ``graph`` (inputs, value_info, outputs, initializers) over ``outer``'s."""
     types = dict(outer or {})
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         types[value.name] = value.type
@@ -95,7 +97,7 @@ def _known(t: onnx.TypeProto | None) -> bool:
 
 def _carry_loop_shapes(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> bool:
     """Give ``Loop`` carried outputs the shapes of their inputs; True when anything was added."""
-    types = _value_types(graph, outer)
+    types = value_types(graph, outer)
     added = False
     for node in graph.node:
         for sub in _subgraphs(node):
@@ -280,7 +282,7 @@ def fold_static_shapes(model: ModelProto, rounds: int = 8) -> ModelProto:
 def _fold_targets(
     graph: GraphProto, inferred: GraphProto, outer: dict[str, onnx.TypeProto] | None, outer_values: dict[str, Partial]
 ) -> int:
-    types = _value_types(inferred, outer)
+    types = value_types(inferred, outer)
     values = _partial_values(graph, types, outer_values)
     constants = {i.name for i in graph.initializer}
     replaced = 0
@@ -531,7 +533,7 @@ def dense_small_convs(model: ModelProto, ratio: float = DENSE_CONV_RATIO) -> int
 
 
 def _dense_convs(graph: GraphProto, inferred: GraphProto, outer, scopes: list, ratio: float) -> int:
-    types = _value_types(inferred, outer)
+    types = value_types(inferred, outer)
     scopes = [*scopes, {i.name: i for i in graph.initializer}]
     nodes: list[onnx.NodeProto] = []
     done = 0
@@ -745,7 +747,7 @@ def drop_softmax_shifts(model: ModelProto) -> int:
 
 
 def _drop_shifts(graph, inferred, outer, scopes) -> int:
-    types = _value_types(inferred, outer)
+    types = value_types(inferred, outer)
     scopes = [*scopes, {i.name: i for i in graph.initializer}]
     done = 0
     for index, node in enumerate(graph.node):

@@ -33,7 +33,7 @@ from onnx import AttributeProto, GraphProto, numpy_helper
 
 from ..artifact import Artifact
 from ..errors import BadInput
-from ..exporters.optimize import fold_static_shapes, infer_shapes
+from ..exporters.optimize import fold_static_shapes, infer_shapes, value_types
 from .base import Arrays, Backend
 from .ort_backend import available_cores
 
@@ -195,16 +195,7 @@ def _shape(types: dict[str, onnx.TypeProto], name: str, batch: int) -> list[int]
     return dims
 
 
-def _types(graph: GraphProto, outer: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
-    types = dict(outer)
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        types[value.name] = value.type
-    for init in graph.initializer:
-        types[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
-    return types
-
-
-def _constant_int(graph: GraphProto, name: str, outer_consts: dict[str, int]) -> int | None:
+def _constant_int(graph: GraphProto, name: str) -> int | None:
     for init in graph.initializer:
         if init.name == name:
             return int(numpy_helper.to_array(init).reshape(-1)[0])
@@ -213,7 +204,7 @@ def _constant_int(graph: GraphProto, name: str, outer_consts: dict[str, int]) ->
             for attr in node.attribute:
                 if attr.name == "value":
                     return int(numpy_helper.to_array(attr.t).reshape(-1)[0])
-    return outer_consts.get(name)
+    return None
 
 
 def _node_flops(node: onnx.NodeProto, types: dict[str, onnx.TypeProto], batch: int) -> float | None:
@@ -250,22 +241,21 @@ def _node_flops(node: onnx.NodeProto, types: dict[str, onnx.TypeProto], batch: i
 def _graph_flops(
     graph: GraphProto,
     types_outer: dict[str, onnx.TypeProto],
-    consts_outer: dict[str, int],
     batch: int,
     by_op: dict[str, float],
     unknown: list[str],
     scale: float,
 ) -> float:
-    types = _types(graph, types_outer)
+    types = value_types(graph, types_outer)
     total = 0.0
     for node in graph.node:
         if node.op_type == "Loop":
-            trips = _constant_int(graph, node.input[0], consts_outer) if node.input[0] else None
+            trips = _constant_int(graph, node.input[0]) if node.input[0] else None
             if trips is None:
                 unknown.append(f"{node.name} (Loop without a constant trip count)")
                 trips = 1
             body = next(a.g for a in node.attribute if a.type == AttributeProto.GRAPH)
-            total += _graph_flops(body, types, consts_outer, batch, by_op, unknown, scale * trips)
+            total += _graph_flops(body, types, batch, by_op, unknown, scale * trips)
             continue
         flops = _node_flops(node, types, batch)
         if flops is None:
@@ -279,13 +269,21 @@ def _graph_flops(
 
 def graph_flops(model: onnx.ModelProto | str, batch: int) -> dict[str, Any]:
     """FLOPs of one run of an ONNX graph at ``batch``: total, per op type, and nodes whose shape is unknown."""
+    return _count_flops(_static_copy(model), batch)
+
+
+def _static_copy(model: onnx.ModelProto | str) -> onnx.ModelProto:
+    """A copy of ``model`` with static shapes folded (older exports lack them); independent of the batch."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    model = fold_static_shapes(onnx.ModelProto.FromString(model.SerializeToString()))  # older exports
-    inferred = infer_shapes(model, batch=batch)
+    return fold_static_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
+
+
+def _count_flops(folded: onnx.ModelProto, batch: int) -> dict[str, Any]:
+    inferred = infer_shapes(folded, batch=batch)
     by_op: dict[str, float] = {}
     unknown: list[str] = []
-    total = _graph_flops(inferred.graph, {}, {}, batch, by_op, unknown, 1.0)
+    total = _graph_flops(inferred.graph, {}, batch, by_op, unknown, 1.0)
     return {
         "flops": total,
         "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
@@ -478,7 +476,9 @@ def run_bench(
             say(f"opening {name}")
             backends[name] = _open(name, artifact, threads, opts)
         if "torch" in backends:
-            _torch_threads(threads)  # other backends may have changed torch's setting
+            from .torch_backend import set_torch_threads
+
+            set_torch_threads(threads)  # other backends may have changed torch's setting
         flops = _flops(artifact, opts) if opts.flops else {}
         results = []
         for what in opts.what:
@@ -526,17 +526,11 @@ def _check(opts: BenchOptions) -> None:
         raise BadInput("--threads must be at least 1")
 
 
-def _torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[str, Any]]]:
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for what in opts.what:
-        model = onnx.load(str(artifact.graph_path(what)))
-        out[what] = {batch: graph_flops(model, batch) for batch in opts.batches}
+        folded = _static_copy(str(artifact.graph_path(what)))
+        out[what] = {batch: _count_flops(folded, batch) for batch in opts.batches}
     return out
 
 
