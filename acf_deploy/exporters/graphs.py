@@ -23,11 +23,6 @@ from ..flows.flow import Flow
 
 Tensor = torch.Tensor
 BATCH = "batch"
-_ONNX_TYPES = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.bfloat16: TensorProto.BFLOAT16,
-}
 
 
 class DensityGraph(nn.Module):
@@ -301,48 +296,38 @@ def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, op
         h = flush(h)
         block_index -= 1
         prefix = f"block{block_index}/"
-        # Reduced-precision blocks iterate in their compute dtype: y is cast once, x is carried in it.
-        compute = getattr(layer, "compute_dtype", h.dtype)
-        x_dtype = _ONNX_TYPES[compute]
-        h_compute = h.to(compute)
         # The Loop runs n - 1 plain steps ``x <- y - g(x)``; the last step, outside it, also gives the step
         # norm, so no iteration computes a norm nobody reads.
         step = _export(
             _Fn(layer.inverse_step, layer),
-            (h_compute, h_compute),
+            (h, h),
             ["x", "y"],
             ["x_new", "step"],
             _axes("x", "y", "x_new", "step"),
             opset,
         )
         y = current
-        if x_dtype != dtype:
-            y = f"{prefix}y"
-            nodes.append(helper.make_node("Cast", [current], [y], to=x_dtype, name=f"{prefix}cast_in"))
         n_iter = counts[block_index]
         out_x, out_step = f"{prefix}x", f"{prefix}step"
-        final_x = out_x if x_dtype == dtype else f"{prefix}x_last"
         x_start = y
         if n_iter > 1:
             plain_step = _export(
                 _Fn(lambda x, y, layer=layer: (layer.inverse_step(x, y)[0],), layer),
-                (h_compute, h_compute),
+                (h, h),
                 ["x", "y"],
                 ["x_new"],
                 _axes("x", "y", "x_new"),
                 opset,
             )
-            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], x_dtype)
+            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], dtype)
             trip, x_start = f"{prefix}trip_count", f"{prefix}x_loop"
             inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_iter - 1]))
             nodes.append(helper.make_node("Loop", [trip, "", y], [x_start], body=body, name=f"{prefix}loop"))
         if n_iter >= 1:
-            _inline(nodes, inits, step, f"{prefix}last/", {"x": x_start, "y": y, "x_new": final_x, "step": out_step})
+            _inline(nodes, inits, step, f"{prefix}last/", {"x": x_start, "y": y, "x_new": out_x, "step": out_step})
         else:
-            nodes.append(helper.make_node("Identity", [y], [final_x]))
+            nodes.append(helper.make_node("Identity", [y], [out_x]))
             nodes += _zeros_per_sample(current, out_step, prefix, dtype)
-        if final_x != out_x:
-            nodes.append(helper.make_node("Cast", [final_x], [out_x], to=dtype, name=f"{prefix}cast_out"))
         steps.append(out_step)
         current = out_x
 

@@ -134,11 +134,6 @@ class MixedResidualBlock(ResidualBlock):
         inner = copy.deepcopy(block.g).to(dtype)
         _swap_lipswish(inner)
         super().__init__(_CastBranch(inner, dtype), block.kind)
-        self.half_dtype = dtype
-
-    def inverse_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x_new = y - self.g.inner(x.to(self.half_dtype)).float()
-        return x_new, (x_new - x).flatten(1).norm(dim=1)
 
 
 def mixed_precision_flow(flow: Flow, precision: str) -> Flow:
