@@ -22,6 +22,8 @@ from .flows.flow import Flow
 from .flows.presets import PRESETS, build_flow
 
 FORMAT_VERSION = 1
+#: The preset name of a model imported from another codebase (its config's host is ``reference``).
+IMPORTED = "imported"
 WEIGHTS = "model.safetensors"
 META = "model.json"
 
@@ -38,8 +40,18 @@ def save_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
-def save_checkpoint(flow: Flow, config: dict[str, Any], directory: str | Path, metrics: dict | None = None) -> Path:
-    """Write weights then metadata (each atomically); the metadata names the weights' format."""
+def save_checkpoint(
+    flow: Flow,
+    config: dict[str, Any],
+    directory: str | Path,
+    metrics: dict | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights then metadata (each atomically); the metadata names the weights' format.
+
+    ``provenance`` records where an imported model came from (source kind, its original arguments, the
+    source file's sha256, the weights used).
+    """
     weights, meta = _paths(directory)
     save_tensors(flow.state_dict(), weights)
     write_json(
@@ -56,6 +68,7 @@ def save_checkpoint(flow: Flow, config: dict[str, Any], directory: str | Path, m
                 "data_shape": config["data_shape"],
             },
             "metrics": metrics or {},
+            **({"provenance": provenance} if provenance else {}),
             "acf_deploy_version": __version__,
         },
     )
@@ -76,10 +89,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         found = meta.get("format_version")
         raise BadInput(f"{meta_path} has checkpoint format version {found!r}; this acf-deploy reads {FORMAT_VERSION}")
     preset = meta.get("preset")
-    if preset not in PRESETS:
+    if preset not in PRESETS and preset != IMPORTED:
         raise BadInput(f"{meta_path} names unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if not isinstance(meta.get("config"), dict) or meta["config"].get("preset") != preset:
         raise BadInput(f"{meta_path}: its config does not belong to preset {preset!r}")
+    if (preset == IMPORTED) != (meta["config"].get("host") == "reference"):
+        raise BadInput(f"{meta_path}: only imported models use the reference architecture")
     return meta
 
 

@@ -126,24 +126,57 @@ def render_training(metrics: dict[str, Any]) -> None:
         f"held-out {key.split('_', 1)[1].replace('_', ' ')}: [bold]{metrics[key]:.4f}[/bold] "
         f"(exact log-det), trained in {metrics['train_seconds']:.0f} s"
     )
-    table = Table(title="per-block Lipschitz constants")
-    for column in ("block", "kind", "guarantee", "L bound", "L measured", "gamma", "attention share"):
-        table.add_column(column)
-    for row in metrics["blocks"]:
-        table.add_row(
-            row["block"],
-            row["kind"],
-            row["guarantee"],
-            f"{row['lipschitz_bound']:.4f}",
-            f"{row['lipschitz_measured']:.4f}",
-            _fmt(row.get("gamma")),
-            _fmt(row.get("attention_share")),
-        )
-    out.print(table)
+    render_blocks(metrics["blocks"], "per-block Lipschitz constants")
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+@app.command("import")
+@handle_errors
+def import_cmd(
+    checkpoint: Path = typer.Argument(..., help="A .pth written by train_img.py of Residual Flows or the ACF code."),
+    out_dir: Path = typer.Option(..., "--out", help="Checkpoint directory to write (model.safetensors + model.json)."),
+    weights: str = typer.Option("ema", help="ema (the EMA weights the reference evaluates with) | raw."),
+    data: Path | None = typer.Option(
+        None, help="The model's data in its levels (.npy, .npz, IDX, CIFAR-10 .bin) to measure blocks on."
+    ),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="The import report as JSON."),
+) -> None:
+    """Import a Residual Flows or ACF checkpoint: rebuild it, certify or measure every block, write a checkpoint."""
+    from .importer import import_checkpoint
+
+    with console.status("importing") as status:
+        result = import_checkpoint(checkpoint, out_dir, weights, data, seed, log=lambda msg: status.update(msg))
+    if json_out:
+        print_json({"checkpoint": str(result.directory), "provenance": result.provenance, "blocks": result.blocks})
+        return
+    arch = result.config["reference"]
+    attention = f"{arch['attention']} attention" if arch["attention"] else "no attention"
+    out.print(
+        f"[green]imported[/green] {result.provenance['source']} ({attention}, {result.provenance['weights']} weights) "
+        f"to {result.directory}"
+    )
+    render_blocks(result.blocks, "per-block guarantees")
+
+
+def render_blocks(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    for column in ("block", "kind", "guarantee", "certified bound", "measured L", "gamma", "attention share"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["block"],
+            row["kind"],
+            row["guarantee"],
+            _fmt(row.get("lipschitz_certified")),
+            _fmt(row["lipschitz_measured"]),
+            _fmt(row.get("gamma")),
+            _fmt(row.get("attention_share")),
+        )
+    out.print(table)
 
 
 def _open(artifact_dir: Path):

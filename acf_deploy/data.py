@@ -110,13 +110,39 @@ def read_png_folder(path: str | Path) -> np.ndarray:
     return stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2)
 
 
+CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def read_cifar_binary(path: str | Path) -> np.ndarray:
+    """A CIFAR-10 binary batch (``data_batch_N.bin``, ``test_batch.bin``): ``(N, 3, 32, 32)`` uint8.
+
+    Each record is a label byte and 3,072 pixel bytes (the red, green and blue planes, row-major).
+    """
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR_RECORD:
+        raise BadInput(f"{path} is not a CIFAR-10 binary batch (its size is not a multiple of {CIFAR_RECORD} bytes)")
+    return raw.reshape(-1, CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32)
+
+
+def _is_pickled_cifar(path: Path) -> bool:
+    return path.suffix == "" and (path.name.startswith("data_batch_") or path.name == "test_batch")
+
+
 def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
-    """Load ``.npy``, ``.npz`` (first array or ``key``), IDX (``-idx*-ubyte[.gz]``) or a PNG folder."""
+    """Load ``.npy``, ``.npz`` (first array or ``key``), IDX (``-idx*-ubyte[.gz]``), a CIFAR-10 binary batch
+    (``.bin``) or a PNG folder."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path} does not exist")
     if path.is_dir():
         return read_png_folder(path)
+    if _is_pickled_cifar(path):
+        raise BadInput(
+            f"{path} is a pickled CIFAR-10 batch and acf-deploy never unpickles data; "
+            "use the binary version (cifar-10-binary: data_batch_N.bin, test_batch.bin)"
+        )
+    if path.suffix == ".bin":
+        return read_cifar_binary(path)
     try:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -133,13 +159,21 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
         raise BadInput(f"{path} cannot be read as {path.suffix} ({exc.__class__.__name__}); is it corrupt?") from None
     if "idx" in path.name:
         return read_idx(path)
-    raise BadInput(f"{path}: unsupported data format; use .npy, .npz, an IDX file or a folder of PNGs")
+    raise BadInput(
+        f"{path}: unsupported data format; use .npy, .npz, an IDX file, a CIFAR-10 .bin batch or a folder of PNGs"
+    )
 
 
 def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
-    """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``."""
+    """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``.
+
+    Also accepted: ``(N, H, W)`` for one channel and channels-last ``(N, H, W, C)``.
+    """
     if array.ndim == len(data_shape) and tuple(array.shape[1:]) == tuple(data_shape[1:]) and data_shape[0] == 1:
         array = array[:, None]
+    channels_last = (*data_shape[1:], data_shape[0])
+    if array.ndim == 4 and tuple(array.shape[1:]) == channels_last and tuple(array.shape[1:]) != tuple(data_shape):
+        array = array.transpose(0, 3, 1, 2)
     if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
         raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
     if not np.all(np.isfinite(array)):
@@ -156,6 +190,22 @@ def as_points(array: np.ndarray, data_shape: tuple[int, ...]) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise BadInput("data contain NaN or infinite values")
     return array.astype(np.float32)
+
+
+def heldout_data(config: dict, path: str | Path | None = None, seed: int = 0) -> np.ndarray | None:
+    """Held-out data for calibration and checks, in the model's levels (points for the toy).
+
+    ``path`` if given; else the preset's test split (digits, a toy density, its local data file); ``None``
+    when the model's data are not available offline (an imported model exported without ``--data``).
+    """
+    if path is not None:
+        array = load_array(path)
+        if config["n_levels"]:
+            return as_levels(array, tuple(config["data_shape"]), int(config["n_levels"]))
+        return as_points(array, tuple(config["data_shape"]))
+    if config["data"] == "digits" or config["data"] in TOY_DENSITIES or config.get("data_path"):
+        return training_data(config, seed=seed)[1]
+    return None
 
 
 def training_data(config: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,16 +8,25 @@ must be at most :data:`VERIFIED_LIMIT`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from .flows.attention import ACFBranch, GatedAttention
+from .flows.attention import ACFBranch
 from .flows.blocks import LogdetSpec, ResidualBlock
 from .flows.flow import Flow
 from .flows.measure import measured_lipschitz
 
 VERIFIED_LIMIT = 0.95
+#: Attention-score elements one measurement batch may touch: 32 samples at N = 64 tokens or fewer.
+MEASUREMENT_BUDGET = 1 << 17
+
+
+def measurement_batch(flow: Flow) -> int:
+    """Samples per measurement input set: 32, fewer for attention over many tokens (its cost grows like ``N^2``)."""
+    tokens = max((getattr(m, "n_tokens", 0) for m in flow.modules()), default=0)
+    return int(min(32, max(4, MEASUREMENT_BUDGET // max(1, tokens * tokens))))
 
 
 @torch.no_grad()
@@ -43,15 +52,17 @@ def block_report(
     for name, block, xd, xp in zip(names, flow.residual_blocks(), from_data, from_prior, strict=True):
         inputs = [xd] + ([xp] if xp is not None else [])
         measured = measured_lipschitz(block.g, inputs, n_iter=n_iter, steps=steps)
+        block.measured_constant = measured
         row: dict[str, Any] = {
             "block": name,
             "kind": block.kind,
             "guarantee": block.guarantee,
             "lipschitz_certified": block.lipschitz() if block.guarantee == "certified" else None,
-            "lipschitz_bound": block.lipschitz(),
+            # an infinite bound (no bound exists) is stored as null: JSON has no infinity
+            "lipschitz_bound": block.lipschitz() if math.isfinite(block.lipschitz()) else None,
             "lipschitz_measured": measured,
         }
-        gates = [m for m in block.g.modules() if isinstance(m, GatedAttention)]
+        gates = [m for m in block.g.modules() if hasattr(m, "attention_share") and hasattr(m, "gamma")]
         if gates:
             gate = gates[0]
             hidden = _gate_input(block, gate, xd)
@@ -66,7 +77,7 @@ def block_report(
 
 
 @torch.no_grad()
-def _gate_input(block: ResidualBlock, gate: GatedAttention, x: torch.Tensor) -> torch.Tensor:
+def _gate_input(block: ResidualBlock, gate: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The hidden map ``h`` that reaches the attention sub-map inside ``g``."""
     h = x
     for part in block.g.parts:

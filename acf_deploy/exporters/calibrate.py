@@ -84,12 +84,14 @@ def certified_counts(
     for layer in reversed(flow.layers):
         if isinstance(layer, ResidualBlock):
             index -= 1
-            lip = layer.lipschitz()
+            lip = layer.contraction()
             g0 = float(layer.g(torch.zeros(1, *prior_inputs[index].shape[1:])).norm())
             if empirical:
                 radius = max(radius, EMPIRICAL_MARGIN * float(prior_inputs[index].flatten(1).norm(dim=1).max()))
             counts[index] = iterations_for(lip, g0 + lip * radius, tol)
-            radii[index], kinds[index] = radius, "empirical" if empirical else "certified"
+            # a count from a measured constant (no bound below 1) is only as good as the measurement
+            measured = lip != layer.lipschitz()
+            radii[index], kinds[index] = radius, "empirical" if empirical or measured else "certified"
             radius = (radius + g0) / (1 - lip)
         elif isinstance(layer, ActNorm):
             pixels = shape[1] * shape[2] if layer.spatial else 1

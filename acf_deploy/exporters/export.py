@@ -23,12 +23,12 @@ import torch
 from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, Artifact
 from ..checkpoint import META, WEIGHTS, load_checkpoint
-from ..data import training_data
+from ..data import heldout_data
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_dir, sha256_file, write_json
 from ..flows.blocks import series_truncation_bound
 from ..flows.flow import Flow
-from ..report import block_report, verification_failures
+from ..report import block_report, measurement_batch, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
@@ -51,6 +51,8 @@ N_GOLDEN = 16
 N_CALIBRATION = 128
 N_TAIL = 32
 TAIL_QUANTILE = 1e-4
+#: Fixed-point iterations per block for model samples that only seed measurements or stand in for data.
+MODEL_SAMPLE_ITERS = 60
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ExportOptions:
     precision: str = "fp32"
     opset: int = 17
     seed: int = 0
+    data: str | None = None  # held-out data file (levels); default: the preset's test split, else model samples
 
 
 def calibration_latents(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,7 +118,7 @@ def export_artifact(
     flow.bake()
     mode = opts.logdet or default_logdet(flow.dim)
     generator = torch.Generator().manual_seed(opts.seed)
-    _, test = training_data(config, seed=opts.seed)
+    test, heldout = _heldout(flow, config, opts, generator)
     data_x = to_model_space(test[:N_CALIBRATION], config, generator)
     prior_z = calibration_latents(flow.dim, generator)
 
@@ -142,6 +145,8 @@ def export_artifact(
     timings["trace_s"] = time.perf_counter() - t0
 
     golden = _golden(flow, mode, opts, counts, config, test, generator)
+    if heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
+        golden["heldout_levels"] = test[:N_CALIBRATION]
     with atomic_dir(out_dir) as tmp:
         onnx.save(sample, tmp / "sample.onnx")
         onnx.save(density, tmp / "density.onnx")
@@ -152,6 +157,7 @@ def export_artifact(
         for name in (WEIGHTS, META):
             shutil.copyfile(source / name, tmp / CHECKPOINT_DIR / name)
         manifest = _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density)
+        manifest["heldout"] = heldout
         calibrated_rt = roundtrip_errors(flow, cal.calibrated, data_x, prior_z)
         manifest["roundtrip"] = {
             "calibrated": calibrated_rt,
@@ -178,14 +184,34 @@ def export_artifact(
     return Artifact(root=Path(out_dir), manifest=manifest)
 
 
+def _heldout(
+    flow: Flow, config: dict[str, Any], opts: ExportOptions, generator: torch.Generator
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Held-out levels for calibration and the golden batch, and where they came from.
+
+    A model whose data are not available offline (an imported one, exported without ``--data``) is
+    calibrated on its own samples, quantised to its levels: inputs of the kind it will be asked to score.
+    """
+    levels = heldout_data(config, opts.data, seed=opts.seed)
+    if levels is not None:
+        return levels, {"source": "file" if opts.data else "dataset", "n": len(levels)}
+    z = torch.randn(N_CALIBRATION, flow.dim, generator=generator)
+    with torch.no_grad():
+        x, _ = flow.sample(z, MODEL_SAMPLE_ITERS)
+    n = int(config["n_levels"])
+    levels = torch.clamp(torch.floor(torch.nan_to_num(x) * n), 0, n - 1).to(torch.uint8 if n <= 256 else torch.int64)
+    return levels.numpy(), {"source": "model samples", "n": len(levels)}
+
+
 def _verified_blocks(flow: Flow, meta: dict, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
     """Per-block L: certified bounds, plus measurement (required for ``verified`` blocks)."""
     needs_measurement = any(b.guarantee == "verified" for b in flow.residual_blocks())
     trained = {row["block"]: row for row in meta.get("metrics", {}).get("blocks", [])}
     if needs_measurement or not trained:
+        n = measurement_batch(flow)
         with torch.no_grad():
-            samples, _ = flow.sample(prior_z[:32], 60)
-        rows = block_report(flow, data_x[:32], samples, n_iter=20, steps=20)
+            samples, _ = flow.sample(prior_z[:n], MODEL_SAMPLE_ITERS)
+        rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20)
     else:
         rows = [
             {**row, "lipschitz_bound": block.lipschitz(), "lipschitz_certified": block.lipschitz()}
@@ -261,7 +287,7 @@ def max_safe_batch(flow: Flow, mode: str, probes: int) -> int:
 
 
 def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density) -> dict[str, Any]:
-    lips = [b.lipschitz() for b in flow.residual_blocks()]
+    lips = [b.contraction() for b in flow.residual_blocks()]
     lmax = max(lips) if lips else 0.0
     logdet = {"mode": mode}
     if mode == "series":

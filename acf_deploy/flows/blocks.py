@@ -73,16 +73,42 @@ def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
     return lu_logdet(a)
 
 
+#: Elements of the widest intermediate that one eager JVP batch may hold (about 256 MB in float32).
+EAGER_JVP_ELEMENTS = 1 << 26
+
+
+def _widest_per_row(g: Branch, x: Tensor) -> int:
+    """Elements of the widest intermediate per JVP row: the input, or an attention's ``heads x N x N`` scores."""
+    widest = x[0].numel()
+    for module in g.modules():
+        n_tokens = getattr(module, "n_tokens", None)
+        if n_tokens:
+            widest = max(widest, getattr(module, "heads", 1) * n_tokens * n_tokens)
+    return widest
+
+
 def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)`` from one batched JVP over the basis."""
+    """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)`` from batched JVPs over the basis.
+
+    Traced for export it is one batched JVP. Run eagerly, the basis is split into chunks whose widest
+    intermediate stays within :data:`EAGER_JVP_ELEMENTS`, so large inputs (e.g. attention over 784
+    pixels) need bounded memory.
+    """
     b, shape = x.shape[0], x.shape[1:]
     dim = math.prod(shape)
-    x_rep = x.unsqueeze(1).expand(b, dim, *shape).reshape(b * dim, *shape)
     basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(1, dim, *shape)
-    basis = basis.expand(b, dim, *shape).reshape(b * dim, *shape)
-    gx_rep, columns = g.jvp(x_rep, basis)
-    gx = gx_rep.reshape(b, dim, *shape)[:, 0]
-    return gx, columns.reshape(b, dim, dim)
+    chunk = dim
+    if not torch.jit.is_tracing():
+        chunk = max(1, min(dim, EAGER_JVP_ELEMENTS // (b * _widest_per_row(g, x))))
+    gx, parts = None, []
+    for start in range(0, dim, chunk):
+        n = min(chunk, dim - start)
+        x_rep = x.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
+        tangents = basis[:, start : start + n].expand(b, n, *shape).reshape(b * n, *shape)
+        gx_rep, columns = g.jvp(x_rep, tangents)
+        gx = gx_rep.reshape(b, n, *shape)[:, 0] if gx is None else gx
+        parts.append(columns.reshape(b, n, dim))
+    return gx, parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,13 +180,28 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.g = g
         self.kind = kind
+        #: The measured constant, set by whoever measured it (verification), for blocks no bound makes contractive.
+        self.measured_constant: float | None = None
 
     def lipschitz(self) -> float:
+        """Upper bound on ``Lip(g)`` (exact operator norms after ``bake``); may be infinite or above 1."""
         return self.g.lipschitz()
 
     @property
     def guarantee(self) -> str:
-        return self.g.guarantee
+        """``certified`` when the bound proves ``Lip(g) < 1``, otherwise ``verified`` (accepted on measurement)."""
+        return "certified" if self.g.guarantee == "certified" and self.lipschitz() < 1 else "verified"
+
+    def contraction(self) -> float:
+        """The contraction factor iteration counts are computed with: the bound, or the measured constant."""
+        bound = self.lipschitz()
+        if bound < 1:
+            return bound
+        if self.measured_constant is None or not self.measured_constant < 1:
+            raise ValueError(
+                f"{self.kind} block: no bound below 1 (bound {bound:.4g}) and no measured constant below 1"
+            )
+        return self.measured_constant
 
     def forward(self, x: Tensor, spec: LogdetSpec) -> tuple[Tensor, Tensor, Tensor | None]:
         """Return ``(y, logdet, min_pivot)``; ``min_pivot`` only in exact mode."""

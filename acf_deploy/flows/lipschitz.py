@@ -32,6 +32,10 @@ def _normalize(t: Tensor) -> Tensor:
 class _SpectralNorm(Branch):
     """Shared logic: power iteration while training, exact certification in ``bake``."""
 
+    #: Whether ``bake`` rescales a weight whose exact norm exceeds ``coeff``. Imported layers keep the
+    #: weight their source computes (rescaling would change the model); their exact norm is reported as is.
+    rescale = True
+
     def __init__(self, coeff: float, n_power_iterations: int):
         super().__init__()
         self.coeff = coeff
@@ -87,7 +91,7 @@ class _SpectralNorm(Branch):
             # Rescale until the certified norm is at most coeff: rounding the rescaled weight to its
             # dtype can leave it a few ulps above (0.9000000117 in float32), hence the small margin.
             margin = 1.0 - 4 * torch.finfo(weight.dtype).eps
-            while norm > self.coeff:
+            while self.rescale and norm > self.coeff:
                 weight = weight * (self.coeff / norm * margin)
                 norm = self.exact_norm(weight)
         self.baked_weight = weight
@@ -104,14 +108,21 @@ class _SpectralNorm(Branch):
 class SNLinear(_SpectralNorm):
     """Linear map with spectral normalisation; exact norm by SVD."""
 
-    def __init__(self, in_features: int, out_features: int, coeff: float = 0.9, n_power_iterations: int = 1):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        coeff: float = 0.9,
+        n_power_iterations: int = 1,
+        init_iterations: int = INIT_POWER_ITERATIONS,
+    ):
         super().__init__(coeff, n_power_iterations)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.register_buffer("u", _normalize(torch.randn(out_features)))
         self.register_buffer("v", _normalize(torch.randn(in_features)))
-        self.power_iteration(INIT_POWER_ITERATIONS)
+        self.power_iteration(init_iterations)
 
     def _op(self, weight: Tensor, v: Tensor) -> Tensor:
         return weight @ v
@@ -141,17 +152,20 @@ class SNConv2d(_SpectralNorm):
         input_hw: tuple[int, int],
         coeff: float = 0.9,
         n_power_iterations: int = 1,
+        init_iterations: int = INIT_POWER_ITERATIONS,
+        vector_hw: tuple[int, int] | None = None,
     ):
+        """``vector_hw`` is the resolution of the power-iteration vectors (default ``input_hw``)."""
         super().__init__(coeff, n_power_iterations)
         self.padding = kernel_size // 2
         self.input_hw = tuple(input_hw)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        h, w = self.input_hw
+        h, w = vector_hw or self.input_hw
         self.register_buffer("u", _normalize(torch.randn(1, out_channels, h, w)))
         self.register_buffer("v", _normalize(torch.randn(1, in_channels, h, w)))
-        self.power_iteration(INIT_POWER_ITERATIONS)
+        self.power_iteration(init_iterations)
 
     def _op(self, weight: Tensor, v: Tensor) -> Tensor:
         return F.conv2d(v, weight, padding=self.padding)
@@ -162,13 +176,16 @@ class SNConv2d(_SpectralNorm):
     def exact_norm(self, weight: Tensor) -> float:
         """Largest singular value of the zero-padded convolution at ``input_hw``.
 
-        Dense SVD when the operator is small; otherwise the FFT bound on a grid of size
+        A 1x1 convolution applies one matrix at every pixel: its norm is that matrix's, exactly. Otherwise
+        a dense eigenvalue problem when the operator is small, or the FFT bound on a grid of size
         ``n + k - 1``, which upper-bounds the zero-padded operator (it is a compression of the
         circular one on that grid).
         """
         c_out, c_in, k, _ = weight.shape
         h, w = self.input_hw
         weight = weight.double()
+        if k == 1:
+            return float(torch.linalg.matrix_norm(weight[:, :, 0, 0], ord=2))
         if max(c_in, c_out) * h * w <= DENSE_SVD_LIMIT:
             basis = torch.eye(c_in * h * w, dtype=torch.float64, device=weight.device)
             basis = basis.reshape(-1, c_in, h, w)

@@ -18,6 +18,7 @@ from .blocks import ResidualBlock
 from .flow import Flow
 from .layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze
 from .lipschitz import LipSwish, SNConv2d, SNLinear
+from .reference import reference_layers
 
 PRESET_VERSION = 1
 
@@ -160,7 +161,7 @@ def _toy_layers(config: dict[str, Any]) -> list[nn.Module]:
     return layers
 
 
-_HOSTS = {"resflow": _resflow_layers, "glow": _glow_layers, "toy": _toy_layers}
+_HOSTS = {"resflow": _resflow_layers, "glow": _glow_layers, "toy": _toy_layers, "reference": reference_layers}
 
 
 def build_flow(config: dict[str, Any]) -> Flow:

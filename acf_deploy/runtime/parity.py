@@ -244,14 +244,18 @@ def check_inputs(artifact: Artifact, n: int, seed: int) -> dict[str, np.ndarray]
 
 
 def data_batch(artifact: Artifact, n: int, seed: int) -> np.ndarray:
-    """``n`` held-out data points in model space for the artifact's preset (digits test split, toy density)."""
+    """``n`` held-out data points in model space: the preset's test split (digits, toy density), or the
+    held-out levels the export stored in ``golden.npz`` when it had no dataset (an imported model's samples)."""
     import torch
 
     from ..data import training_data
     from ..train import to_model_space
 
     config = artifact.manifest["config"]
-    _, test = training_data(config, seed=0)
+    if artifact.manifest.get("heldout", {}).get("source") in ("model samples", "file"):
+        test = load_golden(artifact)["heldout_levels"]
+    else:
+        _, test = training_data(config, seed=0)
     index = np.arange(n) % len(test)
     generator = torch.Generator().manual_seed(seed)
     return to_model_space(test[index], config, generator).numpy().astype(np.float32)
