@@ -201,12 +201,19 @@ def export(
     ),
     opset: int = typer.Option(17, help="ONNX opset (bf16 raises it to 22, the first with bfloat16 Conv)."),
     seed: int = typer.Option(0),
+    data: Path | None = typer.Option(
+        None,
+        help="Held-out data in the model's levels (.npy, .npz, IDX, CIFAR-10 .bin) to calibrate and check on "
+        "(default: the preset's test split; an imported model without it uses its own samples).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Export a checkpoint to sample.onnx + density.onnx, verified against PyTorch before it counts."""
     from .exporters.export import ExportOptions, export_artifact
 
-    opts = ExportOptions(logdet, terms, probes, inverse, iters, tol, precision, opset, seed)
+    opts = ExportOptions(
+        logdet, terms, probes, inverse, iters, tol, precision, opset, seed, None if data is None else str(data)
+    )
     with console.status("exporting") as status:
         artifact = export_artifact(checkpoint, out_dir, opts, log=lambda msg: status.update(msg))
     summary = export_summary(artifact.manifest)

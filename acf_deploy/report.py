@@ -23,6 +23,12 @@ VERIFIED_LIMIT = 0.95
 MEASUREMENT_BUDGET = 1 << 17
 
 
+def model_samples(flow: Flow, z: torch.Tensor, max_iters: int = 60) -> torch.Tensor:
+    """Samples good enough to stand in for data (measurement seeds, calibration inputs of a model without
+    data): each block iterated to a 1e-4 relative step, at most ``max_iters`` times."""
+    return flow.solve_inverse(z, max_iters=max_iters, stop=1e-4)
+
+
 def measurement_batch(flow: Flow) -> int:
     """Samples per measurement input set: 32, fewer for attention over many tokens (its cost grows like ``N^2``)."""
     tokens = max((getattr(m, "n_tokens", 0) for m in flow.modules()), default=0)

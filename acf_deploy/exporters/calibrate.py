@@ -110,17 +110,6 @@ def certified_counts(
 
 
 @torch.no_grad()
-def converged_inverse(block: ResidualBlock, y: torch.Tensor, iters: int = 400, stop: float = 1e-13) -> torch.Tensor:
-    """Float64 reference inverse: Banach iterations until every step is below ``stop`` relative to ``||y||``."""
-    x, threshold = y, stop * max(1.0, float(y.flatten(1).norm(dim=1).max()))
-    for _ in range(iters):
-        x, step = block.inverse_step(x, y)
-        if float(step.max()) <= threshold:
-            break
-    return x
-
-
-@torch.no_grad()
 def block_pairs(flow64: Flow, x: torch.Tensor | None, z: torch.Tensor | None, iters: int = 400) -> list[list[tuple]]:
     """``(y, x*)`` pairs per block in float64: data pushed forward, prior samples pulled back."""
     pairs: list[list[tuple]] = [[] for _ in flow64.residual_blocks()]
@@ -139,7 +128,7 @@ def block_pairs(flow64: Flow, x: torch.Tensor | None, z: torch.Tensor | None, it
         for layer in reversed(flow64.layers):
             if isinstance(layer, ResidualBlock):
                 index -= 1
-                x_star = converged_inverse(layer, h, iters)
+                x_star = layer.solve(h, iters)
                 pairs[index].append((h, x_star))
                 h = x_star
             else:
@@ -296,9 +285,6 @@ def latent_roundtrip_floor(flow: Flow, z: torch.Tensor) -> torch.Tensor:
     """
     flow64 = copy.deepcopy(flow).double()
     z64 = z.double()
-    h = z64.reshape(len(z64), *flow64._latent_shape())
-    for layer in reversed(flow64.layers):
-        h = converged_inverse(layer, h) if isinstance(layer, ResidualBlock) else layer.inverse(h)
-    x = flow64.preprocess.inverse(h) if flow64.preprocess is not None else h
+    x = flow64.solve_inverse(z64)
     z_back = flow(x.float(), LogdetSpec(mode="none")).z.double()
     return (z_back - z64).norm(dim=1) / z64.norm(dim=1)

@@ -28,7 +28,7 @@ from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_dir, sha256_file, write_json
 from ..flows.blocks import series_truncation_bound
 from ..flows.flow import Flow
-from ..report import block_report, measurement_batch, verification_failures
+from ..report import block_report, measurement_batch, model_samples, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
@@ -51,8 +51,6 @@ N_GOLDEN = 16
 N_CALIBRATION = 128
 N_TAIL = 32
 TAIL_QUANTILE = 1e-4
-#: Fixed-point iterations per block for model samples that only seed measurements or stand in for data.
-MODEL_SAMPLE_ITERS = 60
 
 
 @dataclass
@@ -195,9 +193,7 @@ def _heldout(
     levels = heldout_data(config, opts.data, seed=opts.seed)
     if levels is not None:
         return levels, {"source": "file" if opts.data else "dataset", "n": len(levels)}
-    z = torch.randn(N_CALIBRATION, flow.dim, generator=generator)
-    with torch.no_grad():
-        x, _ = flow.sample(z, MODEL_SAMPLE_ITERS)
+    x = model_samples(flow, torch.randn(N_CALIBRATION, flow.dim, generator=generator))
     n = int(config["n_levels"])
     levels = torch.clamp(torch.floor(torch.nan_to_num(x) * n), 0, n - 1).to(torch.uint8 if n <= 256 else torch.int64)
     return levels.numpy(), {"source": "model samples", "n": len(levels)}
@@ -209,9 +205,7 @@ def _verified_blocks(flow: Flow, meta: dict, data_x: torch.Tensor, prior_z: torc
     trained = {row["block"]: row for row in meta.get("metrics", {}).get("blocks", [])}
     if needs_measurement or not trained:
         n = measurement_batch(flow)
-        with torch.no_grad():
-            samples, _ = flow.sample(prior_z[:n], MODEL_SAMPLE_ITERS)
-        rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20)
+        rows = block_report(flow, data_x[:n], model_samples(flow, prior_z[:n]), n_iter=20, steps=20)
     else:
         rows = [
             {**row, "lipschitz_bound": block.lipschitz(), "lipschitz_certified": block.lipschitz()}
@@ -235,7 +229,7 @@ def _golden(flow, mode, opts, counts, config, test, generator) -> dict[str, np.n
     """Seeded inputs and the PyTorch reference outputs, so parity can be checked without PyTorch."""
     from ..runtime.torch_backend import reference_density, reference_sample
 
-    x = to_model_space(test[:N_GOLDEN], config, generator).numpy()
+    x = to_model_space(test[np.arange(N_GOLDEN) % len(test)], config, generator).numpy()  # tiled if fewer
     z = torch.randn(N_GOLDEN, flow.dim, generator=generator).numpy()
     temperature = np.array([1.0], dtype=np.float32)
     probes = rademacher(N_GOLDEN, opts.probes, flow.dim, opts.seed) if mode == "series" else None

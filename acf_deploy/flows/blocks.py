@@ -237,6 +237,17 @@ class ResidualBlock(nn.Module):
             x = y - self.g(x)
         return self.inverse_step(x, y)
 
+    @torch.no_grad()
+    def solve(self, y: Tensor, max_iters: int = 400, stop: float = 1e-13) -> Tensor:
+        """Banach iterations until every step is below ``stop`` relative to ``max(1, ||y||)`` (eager only:
+        the number of iterations depends on the data). In float64 the default is a reference inverse."""
+        x, threshold = y, stop * max(1.0, float(y.flatten(1).norm(dim=1).max()))
+        for _ in range(max_iters):
+            x, step = self.inverse_step(x, y)
+            if float(step.max()) <= threshold:
+                break
+        return x
+
     def bake(self) -> None:
         self.g.bake()
 

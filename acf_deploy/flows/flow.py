@@ -133,6 +133,15 @@ class Flow(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         return self.inverse(z * temperature, n_iters)
 
+    @torch.no_grad()
+    def solve_inverse(self, z: Tensor, max_iters: int = 400, stop: float = 1e-13) -> Tensor:
+        """Latents to data with every residual block iterated until it converges (see
+        :meth:`ResidualBlock.solve`): the reference inverse in float64, cheap model samples with a loose ``stop``."""
+        h = z.reshape(z.shape[0], *self._latent_shape())
+        for layer in reversed(self.layers):
+            h = layer.solve(h, max_iters, stop) if isinstance(layer, ResidualBlock) else layer.inverse(h)
+        return self.preprocess.inverse(h) if self.preprocess is not None else h
+
     def _latent_shape(self) -> tuple[int, ...]:
         shape = self.data_shape
         for layer in self.layers:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from scipy.special import lambertw
 from torch import nn
 
@@ -31,8 +30,9 @@ def _f32(value: float) -> torch.Tensor:
 
 
 def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """A 1x1 convolution with an ``(out, in)`` matrix."""
-    return F.conv2d(x, weight[:, :, None, None], bias)
+    """A 1x1 convolution with an ``(out, in)`` matrix, as one matmul: ``(B, out, H W)``."""
+    y = weight @ x.flatten(2)
+    return y if bias is None else y + bias[:, None]
 
 
 def _softmax_jvp(p: Tensor, ds: Tensor) -> Tensor:
@@ -93,16 +93,16 @@ class ForkDotProductAttention(_ForkAttention):
         self.divisor = e_root3 * math.sqrt(self.n_tokens / channels) + two_root6
 
     def _attend(self, h: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        q = _conv1x1(h, self.weight_q, self.bias_q).flatten(2).transpose(1, 2)  # (B, N, C/8)
-        k = _conv1x1(h, self.weight_k, self.bias_k).flatten(2)  # (B, C/8, N)
-        val = _conv1x1(h, self.weight_v, self.bias_v).flatten(2)  # (B, C, N)
+        q = _conv1x1(h, self.weight_q, self.bias_q).transpose(1, 2)  # (B, N, C/8)
+        k = _conv1x1(h, self.weight_k, self.bias_k)  # (B, C/8, N)
+        val = _conv1x1(h, self.weight_v, self.bias_v)  # (B, C, N)
         p = torch.softmax(q @ k / self.norm_value, dim=-1)
         out = (val @ p.transpose(1, 2)).reshape(h.shape) / self.divisor
         if v is None:
             return out, None
-        dq = _conv1x1(v, self.weight_q).flatten(2).transpose(1, 2)
-        dk = _conv1x1(v, self.weight_k).flatten(2)
-        dval = _conv1x1(v, self.weight_v).flatten(2)
+        dq = _conv1x1(v, self.weight_q).transpose(1, 2)
+        dk = _conv1x1(v, self.weight_k)
+        dval = _conv1x1(v, self.weight_v)
         dp = _softmax_jvp(p, (dq @ k + q @ dk) / self.norm_value)
         d_out = (dval @ p.transpose(1, 2) + val @ dp.transpose(1, 2)).reshape(h.shape) / self.divisor
         return out, d_out
