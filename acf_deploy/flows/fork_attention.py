@@ -97,14 +97,15 @@ class ForkDotProductAttention(_ForkAttention):
         k = _conv1x1(h, self.weight_k, self.bias_k)  # (B, C/8, N)
         val = _conv1x1(h, self.weight_v, self.bias_v)  # (B, C, N)
         p = torch.softmax(q @ k / self.norm_value, dim=-1)
-        out = (val @ p.transpose(1, 2)).reshape(h.shape) / self.divisor
+        out = (val @ p.transpose(1, 2)).reshape(-1, self.channels, *self.hw) / self.divisor
         if v is None:
             return out, None
         dq = _conv1x1(v, self.weight_q).transpose(1, 2)
         dk = _conv1x1(v, self.weight_k)
         dval = _conv1x1(v, self.weight_v)
         dp = _softmax_jvp(p, (dq @ k + q @ dk) / self.norm_value)
-        d_out = (dval @ p.transpose(1, 2) + val @ dp.transpose(1, 2)).reshape(h.shape) / self.divisor
+        d_out = (dval @ p.transpose(1, 2) + val @ dp.transpose(1, 2)).reshape(-1, self.channels, *self.hw)
+        d_out = d_out / self.divisor
         return out, d_out
 
 
@@ -144,8 +145,8 @@ class ForkL2Attention(_ForkAttention):
         return ((constant * term) * self.weight_o.norm().float()).to(dtype)
 
     def _attend(self, h: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        b, d, n = h.shape[0], self.channels, self.n_tokens
-        x_tokens = h.reshape(b, 1, n, d)  # the reference's x.view(B, N, D): a reinterpretation
+        d, n = self.channels, self.n_tokens
+        x_tokens = h.reshape(-1, 1, n, d)  # the reference's x.view(B, N, D): a reinterpretation
         w = self.weight_q.reshape(self.heads, d, self.head_dim)  # weight.view(1, D, d): a reinterpretation
         a = w @ w.transpose(1, 2) / self.scale  # (heads, D, D)
         q = self._queries(h) + self.bias_q[None, :, None, :]
@@ -153,30 +154,30 @@ class ForkL2Attention(_ForkAttention):
         logits = (sq - 2.0 * q @ q.transpose(-1, -2) + sq.transpose(-1, -2)) / -self.scale
         p = torch.softmax(logits, dim=-1)
         mixed = p @ x_tokens  # (B, heads, N, D)
-        out = self._project(mixed @ a, h, with_bias=True)
+        out = self._project(mixed @ a, with_bias=True)
         if v is None:
             return out, None
         dq = self._queries(v)
         dsq = (q * dq).sum(-1, keepdim=True)
         cross = dq @ q.transpose(-1, -2)
         dlogits = 2.0 * (dsq + dsq.transpose(-1, -2) - cross - cross.transpose(-1, -2)) / -self.scale
-        dmixed = _softmax_jvp(p, dlogits) @ x_tokens + p @ v.reshape(b, 1, n, d)
-        return out, self._project(dmixed @ a, h, with_bias=False)
+        dmixed = _softmax_jvp(p, dlogits) @ x_tokens + p @ v.reshape(-1, 1, n, d)
+        return out, self._project(dmixed @ a, with_bias=False)
 
     def _queries(self, h: Tensor) -> Tensor:
         """Per head, the query convolution's output (no bias) as ``N`` tokens: ``(B, heads, N, d)``."""
         return (self.weight_q @ h.flatten(2).unsqueeze(1)).transpose(-1, -2)
 
-    def _project(self, f: Tensor, like: Tensor, with_bias: bool) -> Tensor:
+    def _project(self, f: Tensor, with_bias: bool) -> Tensor:
         """From each head's ``N x D`` block to the output map, through the value and output convolutions."""
-        b, d, n = like.shape[0], self.channels, self.n_tokens
-        f = f.reshape(b, self.heads, d, n)  # f.view(B, D, W, H) per head: a reinterpretation
+        d, n = self.channels, self.n_tokens
+        f = f.reshape(-1, self.heads, d, n)  # f.view(B, D, W, H) per head: a reinterpretation
         values = self.weight_v @ f  # (B, heads, d, N)
         if with_bias:
             values = values + self.bias_v[None, :, :, None]
         # .view(B, N, d) per head, concatenated over heads, then .view(B, D, W, H): two reinterpretations
-        joined = values.reshape(b, self.heads, n, self.head_dim).permute(0, 2, 1, 3).reshape(b, d, n)
+        joined = values.reshape(-1, self.heads, n, self.head_dim).permute(0, 2, 1, 3).reshape(-1, d, n)
         out = self.weight_o @ joined
         if with_bias:
             out = out + self.bias_o[None, :, None]
-        return out.reshape(like.shape) / self.normaliser(like.dtype)
+        return out.reshape(-1, d, *self.hw) / self.normaliser(out.dtype)

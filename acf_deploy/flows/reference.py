@@ -132,20 +132,20 @@ ACTIVATIONS = {
 class Flattened(Branch):
     """The reference's ``FCNet``: a fully connected branch on the flattened ``(C H W)`` features."""
 
-    def __init__(self, inner: Chain):
+    def __init__(self, inner: Chain, shape: tuple[int, int, int]):
         super().__init__()
-        self.inner = inner
+        self.inner, self.shape = inner, tuple(shape)
 
     @property
     def guarantee(self) -> str:  # type: ignore[override]
         return self.inner.guarantee
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x.flatten(1)).reshape(x.shape)
+        return self.inner(x.flatten(1)).reshape(-1, *self.shape)  # static sizes: exported shapes stay provable
 
     def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         y, dy = self.inner.jvp(x.flatten(1), v.flatten(1))
-        return y.reshape(x.shape), dy.reshape(x.shape)
+        return y.reshape(-1, *self.shape), dy.reshape(-1, *self.shape)
 
     def lipschitz(self) -> float:
         return self.inner.lipschitz()
@@ -242,7 +242,7 @@ class _Builder:
         if arch["dropout"]:
             net.skip()
         net.add(ReferenceLinear(widths[-1], dim, arch["coeff"]))
-        return _named(ResidualBlock(Flattened(Chain(*net.parts)), "iresblock-fc"), name)
+        return _named(ResidualBlock(Flattened(Chain(*net.parts), shape), "iresblock-fc"), name)
 
     def scale(self, i: int, shape: tuple[int, int, int], last: bool) -> None:
         """One ``StackediResBlocks``: ``transforms.i.chain.*``."""
