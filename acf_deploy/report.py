@@ -76,11 +76,25 @@ def _gate_input(block: ResidualBlock, gate: GatedAttention, x: torch.Tensor) -> 
     raise ValueError("gate not found in block")
 
 
+def bound_failures(flow: Flow) -> list[str]:
+    """Blocks whose bound (from the baked weights) is not below 1: not contractive, not invertible by iteration."""
+    return [
+        f"{name} has Lipschitz bound {block.lipschitz():.4f}, not below 1"
+        for name, block in zip(flow.block_names(), flow.residual_blocks(), strict=True)
+        if not block.lipschitz() < 1.0
+    ]
+
+
 def verification_failures(rows: list[dict[str, Any]]) -> list[str]:
-    """Blocks whose measured constant breaks their bound (certified) or the 0.95 limit (verified)."""
+    """Blocks that fail their guarantee: a bound not below 1, a measured constant above the bound
+    (certified; a bug), or above :data:`VERIFIED_LIMIT` (verified). NaN fails every test."""
     failures = []
     for row in rows:
-        limit = VERIFIED_LIMIT if row["guarantee"] == "verified" else row["lipschitz_bound"] * (1 + 1e-4)
-        if row["lipschitz_measured"] > limit:
-            failures.append(f"{row['block']} measures L = {row['lipschitz_measured']:.4f} > {limit:.4f}")
+        bound, measured = row["lipschitz_bound"], row["lipschitz_measured"]
+        if not bound < 1.0:
+            failures.append(f"{row['block']} has Lipschitz bound {bound:.4f}, not below 1")
+            continue
+        limit = VERIFIED_LIMIT if row["guarantee"] == "verified" else bound * (1 + 1e-4)
+        if not measured <= limit:
+            failures.append(f"{row['block']} measures L = {measured:.4f} > {limit:.4f}")
     return failures

@@ -21,14 +21,15 @@ import onnx
 import torch
 
 from .. import __version__
-from ..artifact import FORMAT_VERSION, MANIFEST, Artifact
+from ..artifact import FORMAT_VERSION, MANIFEST, Artifact, is_artifact_dir
 from ..checkpoint import META, WEIGHTS, load_checkpoint
 from ..data import training_data
 from ..errors import BadInput, CheckFailed
-from ..fileio import atomic_dir, sha256_file, write_json
+from ..fileio import atomic_dir, check_output_dir, sha256_file
 from ..flows.blocks import series_truncation_bound
 from ..flows.flow import Flow
-from ..report import block_report, verification_failures
+from ..manifest import write_manifest
+from ..report import block_report, bound_failures, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
@@ -44,6 +45,7 @@ from .precision import (
 )
 
 GOLDEN = "golden.npz"
+ARTIFACT = "an acf-deploy artifact"
 CHECKPOINT_DIR = "checkpoint"
 UNROLL_NODE_BUDGET = 50_000
 MEMORY_BUDGET_BYTES = 1 << 30
@@ -108,6 +110,7 @@ def export_artifact(
     """Export, verify and atomically write an artifact; returns it opened and hash-checked."""
     opts = opts or ExportOptions()
     _check_options(opts)
+    check_output_dir(out_dir, is_artifact_dir, ARTIFACT)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
     flow, meta = load_checkpoint(checkpoint)
@@ -120,7 +123,7 @@ def export_artifact(
     prior_z = calibration_latents(flow.dim, generator)
 
     say("verifying Lipschitz constants")
-    blocks = _verified_blocks(flow, meta, data_x, prior_z)
+    blocks = _verified_blocks(flow, data_x, prior_z)
     say("calibrating fixed-point iterations")
     cal = calibrate(flow, data_x, prior_z, opts.tol)
     counts = _chosen_counts(opts.iters, cal)
@@ -142,7 +145,7 @@ def export_artifact(
     timings["trace_s"] = time.perf_counter() - t0
 
     golden = _golden(flow, mode, opts, counts, config, test, generator)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, is_artifact_dir, ARTIFACT) as tmp:
         onnx.save(sample, tmp / "sample.onnx")
         onnx.save(density, tmp / "density.onnx")
         np.savez(tmp / GOLDEN, **golden)
@@ -166,31 +169,30 @@ def export_artifact(
         }
         timings["total_s"] = time.perf_counter() - started
         manifest["export_timings"] = timings
-        write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
         say("verifying the export on ONNX Runtime")
         artifact = Artifact(root=tmp, manifest=manifest)
         verification = verify_export(artifact)
         manifest["verified"] = verification["status"] == "verified"
         manifest["verification"] = verification
-        write_json(tmp / MANIFEST, manifest)  # the manifest hashes the other files, not itself
+        write_manifest(tmp / MANIFEST, manifest)  # hashes the other files; its digest covers itself
         if not manifest["verified"]:
             say(f"unverified: {verification['reason']}")
     return Artifact(root=Path(out_dir), manifest=manifest)
 
 
-def _verified_blocks(flow: Flow, meta: dict, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
-    """Per-block L: certified bounds, plus measurement (required for ``verified`` blocks)."""
-    needs_measurement = any(b.guarantee == "verified" for b in flow.residual_blocks())
-    trained = {row["block"]: row for row in meta.get("metrics", {}).get("blocks", [])}
-    if needs_measurement or not trained:
-        with torch.no_grad():
-            samples, _ = flow.sample(prior_z[:32], 60)
-        rows = block_report(flow, data_x[:32], samples, n_iter=20, steps=20)
-    else:
-        rows = [
-            {**row, "lipschitz_bound": block.lipschitz(), "lipschitz_certified": block.lipschitz()}
-            for row, block in zip(trained.values(), flow.residual_blocks(), strict=True)
-        ]
+def _verified_blocks(flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
+    """Per-block L judged on this flow alone: bounds from the baked weights, constants measured now.
+
+    Nothing is taken from the checkpoint's metrics, which anyone can edit. A bound not below 1 is refused
+    before sampling (the inverse would not converge), then every measured constant is judged.
+    """
+    failures = bound_failures(flow)
+    if failures:
+        raise CheckFailed("not exported: " + "; ".join(failures))
+    with torch.no_grad():
+        samples, _ = flow.sample(prior_z[:32], 60)
+    rows = block_report(flow, data_x[:32], samples, n_iter=20, steps=20)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not exported: " + "; ".join(failures))
