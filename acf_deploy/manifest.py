@@ -163,4 +163,6 @@ def _check_agreement(m: dict[str, Any], path: Path) -> None:
 
 def _fits(found: list, expected: list) -> bool:
     """Same rank, and every static dimension as expected (a symbolic one constrains nothing)."""
-    return len(found) == len(expected) and all(isinstance(f, str) or f == e for f, e in zip(found, expected))
+    return len(found) == len(expected) and all(
+        isinstance(f, str) or f == e for f, e in zip(found, expected, strict=True)
+    )

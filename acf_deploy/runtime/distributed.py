@@ -498,6 +498,7 @@ def sample_job(
 
     options = _engine_options(engine, backend, threads, options)
     check_sample_request(artifact, n, target, temperature)
+    sample_batch_size(artifact, batch)
     if options is not None:
         return sample_distributed(artifact, n, target, temperature, seed, batch, options, on_progress)
     with open_backend(backend, artifact, threads=threads, graphs=("sample",)) as runner:
