@@ -27,7 +27,7 @@ import onnx
 
 from ..artifact import MANIFEST, Artifact, open_artifact
 from ..errors import BackendUnavailable, BadInput, CheckFailed
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_output_file, check_writable
 from ..manifest import write_manifest
 
 if TYPE_CHECKING:
@@ -263,6 +263,9 @@ def build_engines(
         raise BadInput(f"--workspace must be at least 1 MB, got {workspace_mb}")
     # Only the files a build reads are verified (in _graph_source): a tampered engine is rebuilt, not fatal.
     artifact = open_artifact(artifact_dir, verify=False)
+    check_writable(artifact.root)
+    if timing_cache is not None:
+        check_output_file(timing_cache)
     exported = artifact.manifest.get("precision", "fp32")
     if precision != exported:
         raise BadInput(
