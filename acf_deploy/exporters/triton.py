@@ -150,7 +150,7 @@ def model_specs(artifact: Artifact, graph: str, model: onnx.ModelProto | None = 
     """Inputs and outputs of ``graph`` as Triton sees them, read from the ONNX file (and cross-checked
     against the manifest): types, dims without the batch axis, per-row scalars and per-row inputs."""
     if model is None:
-        model = onnx.load(str(artifact.graph_path(graph)), load_external_data=False)
+        model = artifact.load_graph(graph)
     batch_axis = artifact.manifest.get("batch_axis", "batch")
     # the density graph's z output is [batch, D] where the tracer left D symbolic
     known = {"z:1": artifact.dim} if graph == "density" else {}

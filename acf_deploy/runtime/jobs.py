@@ -17,9 +17,10 @@ from .base import Backend
 
 Progress = Callable[[int], None]
 MAX_GRID = 1024
-#: Memory one sampling batch may take, at an estimated 256 bytes per row and data dimension (latents,
-#: samples and the flow's hidden activations, fp32).
+#: Memory one sampling batch may take, estimated at :data:`SAMPLE_BYTES_PER_VALUE` per data value of each
+#: row (latents, samples and the flow's hidden activations, fp32).
 SAMPLE_BATCH_BYTES = 1 << 30
+SAMPLE_BYTES_PER_VALUE = 256
 NPY_HEADER_BYTES = 4096
 
 
@@ -45,9 +46,10 @@ def check_sample_request(artifact: Artifact, n: int, target: str | Path, tempera
 def sample_batch_size(artifact: Artifact, batch: int) -> int:
     """``batch``, refused when one batch of samples would not fit in :data:`SAMPLE_BATCH_BYTES`."""
     batch = check_batch(batch)
-    largest = max(1, SAMPLE_BATCH_BYTES // (256 * artifact.dim))
-    if batch > largest:
-        raise BadInput(f"--batch {batch} would need about {batch * 256 * artifact.dim >> 20} MB; use at most {largest}")
+    per_row = SAMPLE_BYTES_PER_VALUE * artifact.dim
+    if batch * per_row > SAMPLE_BATCH_BYTES:
+        largest = max(1, SAMPLE_BATCH_BYTES // per_row)
+        raise BadInput(f"--batch {batch} would need about {batch * per_row >> 20} MB; use at most {largest}")
     return batch
 
 
