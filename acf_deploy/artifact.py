@@ -194,8 +194,9 @@ def is_artifact_dir(path: Path) -> bool:
 def open_artifact(root: str | Path, verify: bool = True) -> Artifact:
     """Load and validate an artifact directory.
 
-    Always: the manifest's schema, digest and the agreement of its fields. With ``verify``, also every
-    listed file's sha256 and, for each graph, its external data and its inputs and outputs.
+    Always: the manifest's schema, digest and the agreement of its fields, and that every file it lists
+    is inside ``root``. With ``verify``, also every listed file's sha256 and, for each graph, its external
+    data and its inputs and outputs.
     """
     root = Path(root)
     manifest_path = root / MANIFEST
@@ -204,6 +205,8 @@ def open_artifact(root: str | Path, verify: bool = True) -> Artifact:
     if not manifest_path.is_file():
         raise BadInput(f"{manifest_path} is missing; run `acf-deploy export` to create the artifact")
     artifact = Artifact(root=root, manifest=read_manifest(manifest_path))
+    for name in artifact.manifest["files"]:
+        artifact.path(name)  # every listed name (graphs and engines among them) stays inside
     if verify:
         for name in artifact.manifest["files"]:
             if name.startswith(OPTIONAL_PREFIX) and not artifact.path(name).exists():

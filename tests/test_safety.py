@@ -37,6 +37,7 @@ from acf_deploy.fileio import atomic_dir, atomic_path, sha256_file
 from acf_deploy.flows.blocks import ResidualBlock
 from acf_deploy.flows.config import validate_config
 from acf_deploy.manifest import write_manifest
+from acf_deploy.report import verification_failures
 from acf_deploy.runtime.jobs import load_score_data, score
 
 from .export_fixtures import copy_artifact, small_config
@@ -299,10 +300,42 @@ def test_an_absurd_size_is_refused_before_allocating(exports, tmp_path: Path):
 
 
 def test_a_block_whose_bound_is_not_below_one_is_refused_by_name(exports, tmp_path: Path, monkeypatch):
+    checkpoint = exports.checkpoint("toy-resflow")  # made before the patch
     monkeypatch.setattr(ResidualBlock, "lipschitz", lambda self: 1.25)
-    result = invoke("export", exports.checkpoint("toy-resflow"), "--out", tmp_path / "art")
+    result = invoke("export", checkpoint, "--out", tmp_path / "art")
     assert_one_error_line(result, 1, "layers.0 has Lipschitz bound 1.2500, not below 1")
     assert not (tmp_path / "art").exists()
+
+
+def test_a_block_measuring_above_its_bound_is_refused_by_name(exports, tmp_path: Path, monkeypatch):
+    checkpoint = exports.checkpoint("toy-resflow")  # made (and measured) before the patch
+    monkeypatch.setattr("acf_deploy.report.measured_lipschitz", lambda *args, **kwargs: 0.99)
+    result = invoke("export", checkpoint, "--out", tmp_path / "art")
+    assert_one_error_line(result, 1, "layers.0 measures L = 0.9900 >")
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "bound", "measured", "refused"),
+    [
+        ("certified", 0.7, 0.69, False),
+        ("certified", 0.7, 0.71, True),
+        ("certified", 1.0, 0.5, True),
+        ("verified", 0.9, 0.95, False),
+        ("verified", 0.9, 0.951, True),
+        ("verified", 0.9, float("nan"), True),
+    ],
+)
+def test_verification_rules(guarantee: str, bound: float, measured: float, refused: bool):
+    row = {"block": "layers.3", "guarantee": guarantee, "lipschitz_bound": bound, "lipschitz_measured": measured}
+    failures = verification_failures([row])
+    assert bool(failures) == refused and all(f.startswith("layers.3 ") for f in failures)
+
+
+def test_deeply_nested_checkpoint_metadata_is_one_line(exports, tmp_path: Path):
+    checkpoint = Path(shutil.copytree(exports.checkpoint("toy-resflow"), tmp_path / "ckpt"))
+    (checkpoint / META).write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_error_line(invoke("export", checkpoint, "--out", tmp_path / "art"), 2, "nested too deeply")
 
 
 def test_export_measures_the_constants_it_judges(exports, tmp_path: Path):

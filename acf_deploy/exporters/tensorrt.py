@@ -334,7 +334,7 @@ def _summary(key: str, entry: dict[str, Any]) -> dict[str, Any]:
 def _forget_missing_engines(root: Path, manifest: dict[str, Any]) -> None:
     """Drop manifest entries whose engine file is gone, so hashes cover exactly what is on disk."""
     for key, entry in list(manifest["engines"].items()):
-        if not (root / entry["file"]).is_file():
+        if not (root / entry["file"]).is_file():  # listed, so inside the artifact (open_artifact)
             del manifest["engines"][key]
             manifest["files"].pop(entry["file"], None)
 
