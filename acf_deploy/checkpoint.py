@@ -83,6 +83,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadInput(f"{meta_path} is not valid JSON (corrupt or truncated checkpoint)") from None
+    except RecursionError:
+        raise BadInput(f"{meta_path} is nested too deeply to be checkpoint metadata") from None
     if not isinstance(meta, dict):
         raise BadInput(f"{meta_path} holds a JSON {type(meta).__name__}, not checkpoint metadata (an object)")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -121,6 +123,9 @@ def load_state(flow: Flow, state: dict[str, torch.Tensor], source: Path) -> None
             raise BadInput(
                 f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config needs {tuple(tensor.shape)}"
             )
+        got = state[name].dtype
+        if got != tensor.dtype and not (got.is_floating_point and tensor.dtype.is_floating_point):
+            raise BadInput(f"{source}: tensor {name!r} holds {got} values, the config needs {tensor.dtype}")
         if not torch.isfinite(state[name].float()).all():
             raise BadInput(f"{source}: tensor {name!r} contains NaN or infinite values")
     flow.load_state_dict(state)
@@ -130,13 +135,13 @@ def load_checkpoint(path: str | Path) -> tuple[Flow, dict[str, Any]]:
     """Rebuild the flow from its config and load its weights; returns ``(flow in eval mode, metadata)``."""
     weights, _ = _paths(path)
     meta = read_meta(path)
+    try:  # build_flow validates every config field before allocating anything
+        flow = build_flow(meta["config"])
+    except (BadInput, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{path}: the config cannot build a flow ({exc})") from None
     tensors = read_tensors(weights)
     expected = meta.get("weights_sha256")
     if expected is not None and sha256_file(weights) != expected:
         raise BadInput(f"{weights} does not match the sha256 recorded in {META} (corrupt or replaced weights)")
-    try:
-        flow = build_flow(meta["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInput(f"{path}: the config cannot build a flow ({exc})") from None
     load_state(flow, tensors, weights)
     return flow.eval(), meta

@@ -1,17 +1,25 @@
 """The ``acf-deploy`` command line: thin wrappers that parse, call the library and render with rich.
 
-Exit codes: 0 ok, 1 check failed, 2 bad usage or bad input, 3 backend unavailable.
+Exit codes: 0 ok, 1 check failed, 2 bad usage or bad input, 3 backend unavailable, 4 internal error (a
+bug), 130 interrupted (SIGINT or SIGTERM). Every failure is one line on stderr; ``--debug`` (or
+``ACF_DEPLOY_DEBUG=1``) adds the traceback of an internal error.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -29,24 +37,80 @@ out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+DEBUG_ENV = "ACF_DEPLOY_DEBUG"
+INTERNAL_ERROR = 4
+_state = {"debug": False}
+
+
 @app.callback()
-def main() -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help=f"Print the traceback of an internal error (or {DEBUG_ENV}=1)."),
+) -> None:
     """acf-deploy: trained Attentive Contractive Flows to verified ONNX / TensorRT deployments."""
+    _state["debug"] = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like SIGINT, so every temporary is removed on the way out."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _debug_traceback() -> None:
+    if _state["debug"]:
+        traceback.print_exc(file=sys.stderr)
 
 
 def handle_errors(fn: F) -> F:
-    """Turn library errors into one red line and their documented exit code, never a traceback."""
+    """Every failure becomes one red line and its documented exit code, never a traceback.
+
+    Library errors carry their code; a file-system error (permissions, a full disk) or exhausted memory
+    is the user's input (2); anything else is a bug (4), with the traceback only under ``--debug``.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except AcfError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            _debug_traceback()
+            raise _fail("out of memory: use a smaller --batch, --n or input", 2) from None
+        except OSError as exc:
+            _debug_traceback()
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise _fail(f"{where}{exc.strerror or exc}", 2) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as one
+            _debug_traceback()
+            summary = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise _fail(
+                f"internal error, a bug in acf-deploy ({type(exc).__name__}: {summary}); "
+                "please report it with the output of `acf-deploy --debug ...`",
+                INTERNAL_ERROR,
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -128,9 +128,12 @@ def _is_pickled_cifar(path: Path) -> bool:
     return path.suffix == "" and (path.name.startswith("data_batch_") or path.name == "test_batch")
 
 
-def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
+def load_array(path: str | Path, key: str | None = None, mmap: bool = False) -> np.ndarray:
     """Load ``.npy``, ``.npz`` (first array or ``key``), IDX (``-idx*-ubyte[.gz]``), a CIFAR-10 binary batch
-    (``.bin``) or a PNG folder."""
+    (``.bin``) or a PNG folder.
+
+    ``mmap``: a ``.npy`` file is memory-mapped read-only instead of read (scoring streams it by batches).
+    """
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path} does not exist")
@@ -145,7 +148,7 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
         return read_cifar_binary(path)
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 names = archive.files
@@ -155,7 +158,7 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
                 if name not in names:
                     raise BadInput(f"{path} has no array {name!r}; it has {', '.join(names)}")
                 return archive[name]
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, MemoryError) as exc:
         raise BadInput(f"{path} cannot be read as {path.suffix} ({exc.__class__.__name__}); is it corrupt?") from None
     if "idx" in path.name:
         return read_idx(path)
@@ -164,8 +167,28 @@ def load_array(path: str | Path, key: str | None = None) -> np.ndarray:
     )
 
 
-def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
-    """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``.
+#: Bytes of data validated at a time, so a memory-mapped file is never read into memory whole.
+CHECK_CHUNK_BYTES = 1 << 24
+
+
+def _check_samples(array: np.ndarray, data_shape: tuple[int, ...]) -> None:
+    """``(N, *data_shape)`` with ``N >= 1`` real numbers: no booleans, complex numbers, strings or records."""
+    if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
+        raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
+    if array.dtype.kind not in "iuf":
+        raise BadInput(f"data have dtype {array.dtype}; the model takes real numbers (integers or floats)")
+    if len(array) == 0:
+        raise BadInput("data hold no samples")
+
+
+def _chunks(array: np.ndarray):
+    rows = max(1, CHECK_CHUNK_BYTES // max(1, array[0].nbytes))
+    for start in range(0, len(array), rows):
+        yield array[start : start + rows]
+
+
+def check_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
+    """Validate image data as integer levels ``(N, *data_shape)`` in ``[0, K-1]``, without copying them.
 
     Also accepted: ``(N, H, W)`` for one channel and channels-last ``(N, H, W, C)``.
     """
@@ -174,22 +197,28 @@ def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> 
     channels_last = (*data_shape[1:], data_shape[0])
     if array.ndim == 4 and tuple(array.shape[1:]) == channels_last and tuple(array.shape[1:]) != tuple(data_shape):
         array = array.transpose(0, 3, 1, 2)
-    if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
-        raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
-    if not np.all(np.isfinite(array)):
-        raise BadInput("data contain NaN or infinite values")
-    if np.any(array != np.round(array)) or array.min() < 0 or array.max() > n_levels - 1:
-        raise BadInput(f"image data must be integer levels in [0, {n_levels - 1}] (the dataset's native levels)")
-    return array.astype(np.int64)
+    _check_samples(array, data_shape)
+    for chunk in _chunks(array):
+        if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+            raise BadInput("data contain NaN or infinite values")
+        integral = chunk.dtype.kind != "f" or bool(np.all(chunk == np.round(chunk)))
+        if not integral or chunk.min() < 0 or chunk.max() > n_levels - 1:
+            raise BadInput(f"image data must be integer levels in [0, {n_levels - 1}] (the dataset's native levels)")
+    return array
 
 
-def as_points(array: np.ndarray, data_shape: tuple[int, ...]) -> np.ndarray:
-    """Validate toy data as finite float points ``(N, *data_shape)``."""
-    if array.ndim != len(data_shape) + 1 or tuple(array.shape[1:]) != tuple(data_shape):
-        raise BadInput(f"data has shape {tuple(array.shape)}, the model expects (N, {', '.join(map(str, data_shape))})")
-    if not np.all(np.isfinite(array)):
-        raise BadInput("data contain NaN or infinite values")
-    return array.astype(np.float32)
+def as_levels(array: np.ndarray, data_shape: tuple[int, ...], n_levels: int) -> np.ndarray:
+    """:func:`check_levels`, as ``int64`` in memory."""
+    return check_levels(array, data_shape, n_levels).astype(np.int64)
+
+
+def check_points(array: np.ndarray, data_shape: tuple[int, ...]) -> np.ndarray:
+    """Validate toy data as finite real points ``(N, *data_shape)``, without copying them."""
+    _check_samples(array, data_shape)
+    for chunk in _chunks(array):
+        if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+            raise BadInput("data contain NaN or infinite values")
+    return array
 
 
 def heldout_data(config: dict, path: str | Path | None = None, seed: int = 0) -> np.ndarray | None:
@@ -202,7 +231,7 @@ def heldout_data(config: dict, path: str | Path | None = None, seed: int = 0) ->
         array = load_array(path)
         if config["n_levels"]:
             return as_levels(array, tuple(config["data_shape"]), int(config["n_levels"]))
-        return as_points(array, tuple(config["data_shape"]))
+        return np.asarray(check_points(array, tuple(config["data_shape"])), dtype=np.float32)
     if config["data"] == "digits" or config["data"] in TOY_DENSITIES or config.get("data_path"):
         return training_data(config, seed=seed)[1]
     return None

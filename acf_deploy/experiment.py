@@ -40,7 +40,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import DIGITS_LEVELS, digits_split, digits_split_labelled
 from .errors import BadInput
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, check_output_dir, write_json
 from .flows.flow import Flow
 from .flows.presets import build_flow, preset_config
 from .report import block_report
@@ -877,7 +877,7 @@ def run_experiment(
         raise BadInput("--threads must be at least 1")
     budget = BUDGETS[budget_name]
     seed_list = list(range(seeds if seeds is not None else budget.seeds))
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, lambda path: (path / "protocol.json").is_file(), "an experiment run")
     emit = on_event or (lambda kind, info: None)
     torch.set_num_threads(threads)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import META, save_checkpoint
 from .data import training_data
+from .fileio import check_output_dir
+from .flows.config import validate_config
 from .flows.flow import Flow
 from .flows.presets import build_flow, preset_config
 from .plots import save_density_plot, save_grid
 from .report import block_report
-from .train import evaluate_bpd, to_model_space, train
+from .train import STATE_META, evaluate_bpd, to_model_space, train
 
 SAMPLE_ITERS = 60
 
@@ -31,12 +34,24 @@ def train_preset(
 ) -> dict[str, Any]:
     """Train ``preset`` into ``out_dir``: checkpoint, held-out bits/dim, per-block report, sample picture."""
     overrides = dict(overrides or {})
-    config = preset_config(preset, **overrides)
-    out_dir = Path(out_dir)
+    config = validate_config(preset_config(preset, **overrides))
+    out_dir = check_output_dir(out_dir, is_checkpoint_dir, "an acf-deploy checkpoint")
     flow, metrics = train(config, out_dir, seed=seed, resume=resume, on_step=on_step, on_epoch=on_epoch)
     metrics.update(final_report(flow, config, out_dir, seed))
     save_checkpoint(flow, config, out_dir, metrics)
     return metrics
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint of ours, so that training may write over its files."""
+    for name in (META, STATE_META):
+        try:
+            meta = json.loads((path / name).read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return True
+    return False
 
 
 def final_report(flow: Flow, config: dict[str, Any], out_dir: Path, seed: int = 0) -> dict[str, Any]:

@@ -7,24 +7,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifact import open_artifact
+from .artifact import is_artifact_dir, open_artifact
 from .exporters.export import export_artifact
+from .fileio import check_output_dir, is_temporary
 from .runtime import open_backend
 from .runtime.jobs import load_score_data, sample_to_file, score
 from .runtime.parity import compare_backends
 
 SHIPPED = Path(__file__).parent / "models"
+GRID = "samples.png"
 
 
 def shipped_model(name: str = "digits-acf-l2") -> Path:
     return SHIPPED / name
 
 
+def _is_quickstart_dir(path: Path) -> bool:
+    """What a previous quickstart wrote: the artifact and the sample grid, nothing else."""
+    names = {p.name for p in path.iterdir() if not is_temporary(p.name)}
+    return names <= {"artifact", GRID} and (not (path / "artifact").exists() or is_artifact_dir(path / "artifact"))
+
+
 def run_quickstart(
     out_dir: str | Path, backend: str = "ort", n: int = 512, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     say = log or (lambda _m: None)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, _is_quickstart_dir, "a quickstart output")
     rows: list[tuple[str, str]] = []
     started = time.perf_counter()
 
@@ -59,7 +67,7 @@ def run_quickstart(
             )
         )
         say("sampling a grid")
-        grid = out_dir / "samples.png"
+        grid = out_dir / GRID
         sample_to_file(runner, artifact, 64, grid)
         rows.append(("sample", f"64 samples -> {grid}"))
         say("scoring the digits test split")

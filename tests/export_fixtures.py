@@ -21,8 +21,9 @@ import torch
 
 from acf_deploy.checkpoint import save_checkpoint
 from acf_deploy.exporters.export import ExportOptions, export_artifact
-from acf_deploy.fileio import sha256_file, write_json
+from acf_deploy.fileio import sha256_file
 from acf_deploy.flows.presets import build_flow, preset_config
+from acf_deploy.manifest import write_manifest
 from acf_deploy.report import block_report
 
 PRESETS = ("digits-acf-l2", "digits-acf-dp", "digits-resflow", "digits-glow", "digits-glow-acf", "toy-resflow")
@@ -110,11 +111,11 @@ def copy_artifact(source: Path, target: Path) -> Path:
 
 
 def rehash(artifact_dir: Path) -> None:
-    """Rewrite the manifest's sha256 of every file, so that a deliberate edit passes the hash check."""
+    """Rewrite the manifest's sha256 of every file and its own digest, as a deliberate forger would."""
     manifest_path = artifact_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"] = {name: sha256_file(artifact_dir / name) for name in manifest["files"]}
-    write_json(manifest_path, manifest)
+    write_manifest(manifest_path, manifest)
 
 
 def all_graphs(graph: onnx.GraphProto):

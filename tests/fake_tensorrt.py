@@ -27,7 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from acf_deploy.exporters.trt_lint import UNSUPPORTED_OPS
-from acf_deploy.fileio import sha256_file, write_json
+from acf_deploy.fileio import sha256_file
+from acf_deploy.manifest import FORMAT_VERSION, write_manifest
 
 DIM = 4
 DATA_SHAPE = (1, 2, 2)
@@ -218,12 +219,14 @@ def write_artifact(
             onnx.save_model(model, root / f"{name}.onnx")
         files.append(f"{name}.onnx")
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "graphs": {name: {"file": f"{name}.onnx", **_io(model.graph)} for name, model in graphs.items()},
         "files": {name: sha256_file(root / name) for name in files},
         "data_shape": list(DATA_SHAPE),
         "dim": DIM,
-        "logdet": {"mode": "series", "probes": PROBES},
+        "logdet": {"mode": "series", "probes": PROBES}
+        if any(v.name == "probes" for v in graphs["density"].graph.input)
+        else {"mode": "exact"},
         "batch_axis": "batch",
         "precision": precision,
         "preset": "toy-resflow",
@@ -232,7 +235,7 @@ def write_artifact(
         "inverse": {"mode": "loop"},
         "iterations": {"exported_total": 0},
     }
-    write_json(root / "manifest.json", manifest)
+    write_manifest(root / "manifest.json", manifest)
     return root
 
 

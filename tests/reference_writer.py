@@ -212,7 +212,7 @@ def _reference_tensors(module: Any) -> tuple[dict[str, torch.Tensor], dict[str, 
             module.u.normal_()
             module.v.normal_()
         _power_vectors(module)
-        sigma = float((module.u * module._op(module.weight, module.v)).sum())
+        sigma = float((module.u * module._op(module.weight, module.v)).sum().detach())
         buffers = {"u": module.u.flatten().clone(), "v": module.v.flatten().clone(), "scale": torch.tensor(sigma)}
         if isinstance(module, ReferenceConv2d):
             buffers |= {

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -120,8 +121,16 @@ def _truncate(path: Path) -> None:
 
 
 def _truncate_and_rehash(path: Path) -> None:
-    """A truncated graph the manifest vouches for: ONNX Runtime itself must reject it cleanly."""
+    """A truncated graph the manifest vouches for: it must be rejected cleanly when parsed."""
     _truncate(path)
+    rehash(path.parent)
+
+
+def _unrunnable_and_rehash(path: Path) -> None:
+    """A well-formed graph the manifest vouches for, with an op ONNX Runtime lacks: it must reject it cleanly."""
+    model = onnx.load(str(path))
+    model.graph.node[0].op_type = "NoSuchAcfOp"
+    onnx.save(model, str(path))
     rehash(path.parent)
 
 
@@ -139,7 +148,8 @@ ARTIFACT_DAMAGE = {
     "truncated-sample": ("sample.onnx", _truncate, "sha256"),
     "missing-density": ("density.onnx", Path.unlink, "missing"),
     "missing-golden": ("golden.npz", Path.unlink, "missing"),
-    "unloadable-sample": ("sample.onnx", _truncate_and_rehash, "cannot be loaded by ONNX Runtime"),
+    "unparsable-sample": ("sample.onnx", _truncate_and_rehash, "not a readable ONNX file"),
+    "unloadable-sample": ("sample.onnx", _unrunnable_and_rehash, "cannot be loaded by ONNX Runtime"),
     "missing-manifest": ("manifest.json", Path.unlink, "manifest.json is missing"),
     "truncated-manifest": ("manifest.json", _truncate, "not valid JSON"),
     "manifest-wrong-version": (
@@ -177,7 +187,7 @@ def test_damaged_artifact_is_one_clear_line(toy_copy: Path, tmp_path: Path, case
 def test_one_graph_jobs_load_only_their_graph(toy_copy: Path, tmp_path: Path):
     """``sample`` never builds a session on the density graph (slow to build), so a broken one cannot stop
     it; ``score`` needs it and says so in one line."""
-    _truncate_and_rehash(toy_copy / "density.onnx")
+    _unrunnable_and_rehash(toy_copy / "density.onnx")
     result = invoke("sample", toy_copy, "--n", 8, "--out", tmp_path / "x.npy")
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "x.npy").shape[0] == 8

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 from acf_deploy.artifact import open_artifact
 from acf_deploy.errors import BackendUnavailable, BadInput, CheckFailed
 from acf_deploy.exporters import tensorrt as trt_export
-from acf_deploy.fileio import sha256_file, write_json
+from acf_deploy.fileio import sha256_file
+from acf_deploy.manifest import write_manifest
 from acf_deploy.runtime import trt_backend
 from acf_deploy.runtime.trt_backend import TrtBackend
 
@@ -227,8 +228,8 @@ def test_parser_errors_are_reported_node_by_node(fake_trt, tmp_path):
                 helper.make_node("Det", ["r"], ["y"], name="bad_det"),
             ],
             "density",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 2])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 2, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
         ),
         opset_imports=[helper.make_opsetid("", 18)],
     )
@@ -249,7 +250,7 @@ def test_external_data_outside_the_artifact_is_refused(fake_trt, tmp_path):
     onnx.save_model(model, root / "density.onnx")
     manifest = _manifest(root)
     manifest["files"]["density.onnx"] = sha256_file(root / "density.onnx")
-    write_json(root / "manifest.json", manifest)
+    write_manifest(root / "manifest.json", manifest)
     with pytest.raises(BadInput, match="'../outside.data' outside the artifact directory"):
         trt_export.build_engines(root)
 

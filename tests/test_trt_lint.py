@@ -230,8 +230,8 @@ def test_lint_file_and_artifact_with_external_data(tmp_path):
 def test_require_clean_lists_every_error(tmp_path):
     det = _model(
         [helper.make_node("Det", ["x"], ["y"], name="bad_det")],
-        [helper.make_tensor_value_info("x", F, ["batch", 3, 3])],
-        [_y(["batch"])],
+        [helper.make_tensor_value_info("x", F, ["batch", 1, 2, 2])],
+        [_y(["batch", 1])],
     )
     root = write_artifact(tmp_path / "art", density=det)
     with pytest.raises(CheckFailed) as caught:

@@ -21,14 +21,15 @@ import onnx
 import torch
 
 from .. import __version__
-from ..artifact import FORMAT_VERSION, MANIFEST, Artifact
+from ..artifact import FORMAT_VERSION, MANIFEST, Artifact, is_artifact_dir
 from ..checkpoint import META, WEIGHTS, load_checkpoint
 from ..data import heldout_data
 from ..errors import BadInput, CheckFailed
-from ..fileio import atomic_dir, sha256_file, write_json
-from ..flows.blocks import series_truncation_bound
+from ..fileio import atomic_dir, check_output_dir, sha256_file
+from ..flows.blocks import series_truncation_bound, widest_per_sample
 from ..flows.flow import Flow
-from ..report import block_report, measurement_batch, model_samples, verification_failures
+from ..manifest import write_manifest
+from ..report import block_report, bound_failures, measurement_batch, model_samples, verification_failures
 from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
@@ -44,6 +45,7 @@ from .precision import (
 )
 
 GOLDEN = "golden.npz"
+ARTIFACT = "an acf-deploy artifact"
 CHECKPOINT_DIR = "checkpoint"
 UNROLL_NODE_BUDGET = 50_000
 MEMORY_BUDGET_BYTES = 1 << 30
@@ -109,6 +111,7 @@ def export_artifact(
     """Export, verify and atomically write an artifact; returns it opened and hash-checked."""
     opts = opts or ExportOptions()
     _check_options(opts)
+    check_output_dir(out_dir, is_artifact_dir, ARTIFACT)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
     flow, meta = load_checkpoint(checkpoint)
@@ -121,7 +124,7 @@ def export_artifact(
     prior_z = calibration_latents(flow.dim, generator)
 
     say("verifying Lipschitz constants")
-    blocks = _verified_blocks(flow, meta, data_x, prior_z)
+    blocks = _verified_blocks(flow, data_x, prior_z)
     say("calibrating fixed-point iterations")
     cal = calibrate(flow, data_x, prior_z, opts.tol)
     counts = _chosen_counts(opts.iters, cal)
@@ -145,7 +148,7 @@ def export_artifact(
     golden = _golden(flow, mode, opts, counts, config, test, generator)
     if heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
         golden["heldout_levels"] = test[:N_CALIBRATION]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, is_artifact_dir, ARTIFACT) as tmp:
         onnx.save(sample, tmp / "sample.onnx")
         onnx.save(density, tmp / "density.onnx")
         np.savez(tmp / GOLDEN, **golden)
@@ -170,13 +173,13 @@ def export_artifact(
         }
         timings["total_s"] = time.perf_counter() - started
         manifest["export_timings"] = timings
-        write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
         say("verifying the export on ONNX Runtime")
         artifact = Artifact(root=tmp, manifest=manifest)
         verification = verify_export(artifact)
         manifest["verified"] = verification["status"] == "verified"
         manifest["verification"] = verification
-        write_json(tmp / MANIFEST, manifest)  # the manifest hashes the other files, not itself
+        write_manifest(tmp / MANIFEST, manifest)  # hashes the other files; its digest covers itself
         if not manifest["verified"]:
             say(f"unverified: {verification['reason']}")
     return Artifact(root=Path(out_dir), manifest=manifest)
@@ -199,18 +202,22 @@ def _heldout(
     return levels.numpy(), {"source": "model samples", "n": len(levels)}
 
 
-def _verified_blocks(flow: Flow, meta: dict, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
-    """Per-block L: certified bounds, plus measurement (required for ``verified`` blocks)."""
-    needs_measurement = any(b.guarantee == "verified" for b in flow.residual_blocks())
-    trained = {row["block"]: row for row in meta.get("metrics", {}).get("blocks", [])}
-    if needs_measurement or not trained:
-        n = measurement_batch(flow)
-        rows = block_report(flow, data_x[:n], model_samples(flow, prior_z[:n]), n_iter=20, steps=20)
-    else:
-        rows = [
-            {**row, "lipschitz_bound": block.lipschitz(), "lipschitz_certified": block.lipschitz()}
-            for row, block in zip(trained.values(), flow.residual_blocks(), strict=True)
-        ]
+def _verified_blocks(flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
+    """Per-block L judged on this flow alone: bounds from the baked weights, constants measured now.
+
+    Nothing is taken from the checkpoint's metrics, which anyone can edit. A certified bound not below 1 is
+    refused before sampling (the inverse would not converge), then every measured constant is judged.
+    Verified blocks are measured on data and on model samples; certified ones, whose measurement only
+    confirms their bound, on data.
+    """
+    failures = bound_failures(flow)
+    if failures:
+        raise CheckFailed("not exported: " + "; ".join(failures))
+    n = measurement_batch(flow)
+    samples = None
+    if any(block.guarantee == "verified" for block in flow.residual_blocks()):
+        samples = model_samples(flow, prior_z[:n])
+    rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not exported: " + "; ".join(failures))
@@ -266,17 +273,8 @@ def _io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
 def max_safe_batch(flow: Flow, mode: str, probes: int) -> int:
     """Largest batch whose exact/series log-det intermediates fit in the memory budget (estimate)."""
     fan_out = flow.dim if mode == "exact" else probes
-    widest = 0
-    for block in flow.residual_blocks():
-        for module in block.g.modules():
-            weight = getattr(module, "weight", None)
-            hw = getattr(module, "input_hw", None)
-            if weight is not None and hw is not None:
-                widest = max(widest, weight.shape[0] * hw[0] * hw[1])
-            n_tokens = getattr(module, "n_tokens", None)
-            if n_tokens:
-                widest = max(widest, getattr(module, "heads", 1) * n_tokens * n_tokens)
-    per_sample = fan_out * max(widest, flow.dim) * 4 * 16  # fp32, ~16 live tensors (primal + tangent)
+    widest = max((widest_per_sample(block.g, flow.dim) for block in flow.residual_blocks()), default=flow.dim)
+    per_sample = fan_out * widest * 4 * 16  # fp32, ~16 live tensors (primal + tangent)
     return max(1, int(MEMORY_BUDGET_BYTES // per_sample))
 
 

@@ -24,11 +24,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx
-from onnx import GraphProto, ModelProto, TensorProto
 
 from ..artifact import MANIFEST, Artifact, open_artifact
 from ..errors import BackendUnavailable, BadInput, CheckFailed
-from ..fileio import atomic_path, write_json
+from ..fileio import atomic_path, check_output_file, check_writable
+from ..manifest import write_manifest
 
 if TYPE_CHECKING:
     import tensorrt
@@ -179,22 +179,13 @@ class _GraphSource:
 
 
 def _graph_source(artifact: Artifact, graph: str, batch: tuple[int, int, int]) -> _GraphSource:
-    root = artifact.root.resolve()
-    path = artifact.root / artifact.manifest["graphs"][graph]["file"]
-    if not path.resolve().is_relative_to(root):
-        raise BadInput(f"graph {graph!r} points outside the artifact directory ({path}); refused")
-    artifact.verify_file(path.resolve().relative_to(root).as_posix())
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    names = {path.resolve().relative_to(root).as_posix()}
-    for location in _external_locations(model):
-        target = Path(os.path.realpath(path.parent / location))
-        if Path(location).is_absolute() or not target.is_relative_to(root):
-            raise BadInput(f"{path.name} refers to external data {location!r} outside the artifact directory; refused")
-        names.add(target.relative_to(root).as_posix())
+    model = artifact.load_graph(graph)
+    names = artifact.graph_files(graph, model)  # inside the artifact and hashed, external data included
     hashes = {}
-    for name in sorted(names):
+    for name in names:
         artifact.verify_file(name)
         hashes[name] = artifact.manifest["files"][name]
+    path = artifact.graph_path(graph)
     axis = artifact.manifest.get("batch_axis", "batch")
     initializers = {t.name for t in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in initializers]
@@ -204,31 +195,6 @@ def _graph_source(artifact: Artifact, graph: str, batch: tuple[int, int, int]) -
         if shapes is not None:
             profile[value.name] = shapes
     return _GraphSource(graph, path, hashes, tuple(v.name for v in inputs), profile)
-
-
-def _external_locations(model: ModelProto) -> set[str]:
-    """Every external-data location named by tensors of the model, subgraphs included."""
-    found: set[str] = set()
-
-    def visit_tensor(tensor: TensorProto) -> None:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            found.update(e.value for e in tensor.external_data if e.key == "location")
-
-    def visit_graph(graph: GraphProto) -> None:
-        for tensor in graph.initializer:
-            visit_tensor(tensor)
-        for sparse in graph.sparse_initializer:
-            visit_tensor(sparse.values)
-            visit_tensor(sparse.indices)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    visit_tensor(attr.t)
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    visit_graph(sub)
-
-    visit_graph(model.graph)
-    return found
 
 
 def _profile_shapes(
@@ -297,6 +263,9 @@ def build_engines(
         raise BadInput(f"--workspace must be at least 1 MB, got {workspace_mb}")
     # Only the files a build reads are verified (in _graph_source): a tampered engine is rebuilt, not fatal.
     artifact = open_artifact(artifact_dir, verify=False)
+    check_writable(artifact.root)
+    if timing_cache is not None:
+        check_output_file(timing_cache)
     exported = artifact.manifest.get("precision", "fp32")
     if precision != exported:
         raise BadInput(
@@ -340,7 +309,7 @@ def build_engines(
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(cache_bytes)
         _forget_missing_engines(artifact.root, manifest)
-        write_json(artifact.root / MANIFEST, manifest)
+        write_manifest(artifact.root / MANIFEST, manifest)
     return {"engines": results, "timing_cache": str(cache_path)}
 
 
@@ -365,7 +334,7 @@ def _summary(key: str, entry: dict[str, Any]) -> dict[str, Any]:
 def _forget_missing_engines(root: Path, manifest: dict[str, Any]) -> None:
     """Drop manifest entries whose engine file is gone, so hashes cover exactly what is on disk."""
     for key, entry in list(manifest["engines"].items()):
-        if not (root / entry["file"]).is_file():
+        if not (root / entry["file"]).is_file():  # listed, so inside the artifact (open_artifact)
             del manifest["engines"][key]
             manifest["files"].pop(entry["file"], None)
 

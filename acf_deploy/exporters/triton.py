@@ -49,7 +49,7 @@ from onnx import TensorProto
 from .. import __version__
 from ..artifact import Artifact, open_artifact
 from ..errors import BadInput, CheckFailed
-from ..fileio import atomic_path, sha256_file, write_json
+from ..fileio import atomic_path, check_output_dir, clean_stale, current_umask, sha256_file, write_json
 
 __all__ = [
     "BACKENDS",
@@ -150,7 +150,7 @@ def model_specs(artifact: Artifact, graph: str, model: onnx.ModelProto | None = 
     """Inputs and outputs of ``graph`` as Triton sees them, read from the ONNX file (and cross-checked
     against the manifest): types, dims without the batch axis, per-row scalars and per-row inputs."""
     if model is None:
-        model = onnx.load(str(artifact.graph_path(graph)), load_external_data=False)
+        model = artifact.load_graph(graph)
     batch_axis = artifact.manifest.get("batch_axis", "batch")
     # the density graph's z output is [batch, D] where the tracer left D symbolic
     known = {"z:1": artifact.dim} if graph == "density" else {}
@@ -242,16 +242,6 @@ def _versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _external_files(model: onnx.ModelProto) -> set[str]:
-    found = set()
-    for init in model.graph.initializer:
-        if init.data_location == TensorProto.EXTERNAL:
-            for entry in init.external_data:
-                if entry.key == "location":
-                    found.add(entry.value)
-    return found
 
 
 def _copy_verified(artifact: Artifact, name: str, target: Path) -> str:
@@ -350,9 +340,7 @@ def write_triton_repository(
     options = options or TritonOptions()
     artifact = open_artifact(artifact_dir)  # every file's sha256 checked against the manifest
     name, max_batch = _check(artifact, options)
-    repo = Path(repo)
-    if repo.exists() and not repo.is_dir():
-        raise BadInput(f"{repo} exists and is not a directory")
+    repo = check_output_dir(repo, lambda path: (path / METADATA).is_file(), "a repository written by acf-deploy")
     repo.mkdir(parents=True, exist_ok=True)
     precision = str(artifact.manifest.get("precision", "fp32"))
     batch_axis = artifact.manifest.get("batch_axis", "batch")
@@ -372,9 +360,10 @@ def write_triton_repository(
         model_dir.mkdir(exist_ok=True)
         source_name = artifact.manifest["graphs"][graph]["file"]
         source = artifact.graph_path(graph)
-        original = onnx.load(str(source), load_external_data=False)
+        original = artifact.load_graph(graph)
         spec = model_specs(artifact, graph, original)
-        staging = Path(tempfile.mkdtemp(prefix=f".v{version}.staging-", dir=model_dir))
+        clean_stale(model_dir, str(version))
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.{os.getpid()}.", suffix=".tmpdir", dir=model_dir))
         entry: dict[str, Any] = {
             "artifact": str(Path(artifact_dir).resolve()),
             "preset": artifact.manifest.get("preset"),
@@ -385,7 +374,7 @@ def write_triton_repository(
             "backend": options.backend,
         }
         try:
-            externals = sorted(_external_files(original))
+            externals = artifact.graph_files(graph, original)[1:]
             if any(t.made_per_row for t in spec.inputs):
                 full = onnx.load(str(artifact.verify_file(source_name)))
                 rewritten = per_row_temperature(full, batch_axis)
@@ -400,11 +389,12 @@ def write_triton_repository(
             else:
                 _copy_verified(artifact, source_name, staging / "model.onnx")
                 for ext in externals:
+                    (staging / ext).parent.mkdir(parents=True, exist_ok=True)
                     _copy_verified(artifact, ext, staging / ext)
             entry["files"] = {
                 p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
             }
-            os.chmod(staging, 0o755)
+            os.chmod(staging, 0o777 & ~current_umask())
             target = model_dir / str(version)
             if target.exists():
                 raise BadInput(f"{target} appeared while writing; run `acf-deploy triton` again")

@@ -77,13 +77,17 @@ def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
 EAGER_JVP_ELEMENTS = 1 << 26
 
 
-def _widest_per_row(g: Branch, x: Tensor) -> int:
-    """Elements of the widest intermediate per JVP row: the input, or an attention's ``heads x N x N`` scores."""
-    widest = x[0].numel()
+def widest_per_sample(g: Branch, input_numel: int) -> int:
+    """Elements of the widest intermediate of ``g`` per sample: its input, a convolution's output map, or an
+    attention's ``heads x N x N`` scores."""
+    widest = input_numel
     for module in g.modules():
         n_tokens = getattr(module, "n_tokens", None)
         if n_tokens:
             widest = max(widest, getattr(module, "heads", 1) * n_tokens * n_tokens)
+        hw = getattr(module, "input_hw", None)
+        if hw is not None and getattr(module, "weight", None) is not None:
+            widest = max(widest, module.weight.shape[0] * hw[0] * hw[1])
     return widest
 
 
@@ -99,7 +103,7 @@ def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
     basis = torch.eye(dim, dtype=x.dtype, device=x.device).reshape(1, dim, *shape)
     chunk = dim
     if not torch.jit.is_tracing():
-        chunk = max(1, min(dim, EAGER_JVP_ELEMENTS // (b * _widest_per_row(g, x))))
+        chunk = max(1, min(dim, EAGER_JVP_ELEMENTS // (b * widest_per_sample(g, x[0].numel()))))
     gx, parts = None, []
     for start in range(0, dim, chunk):
         n = min(chunk, dim - start)
@@ -176,10 +180,14 @@ def roulette_logdet(g: Branch, x: Tensor, spec: LogdetSpec) -> tuple[Tensor, Ten
 class ResidualBlock(nn.Module):
     """``y = x + g(x)``: the i-ResBlock of a Residual Flow and the standalone ACF layer."""
 
-    def __init__(self, g: Branch, kind: str):
+    def __init__(self, g: Branch, kind: str, verify_if_unbounded: bool = False):
+        """``verify_if_unbounded``: a block of an imported model whose bound does not prove contraction is
+        labelled ``verified`` and judged by measurement (its source promised nothing); a block of ours whose
+        bound is not below 1 stays ``certified`` and is refused, because its construction failed."""
         super().__init__()
         self.g = g
         self.kind = kind
+        self.verify_if_unbounded = verify_if_unbounded
         #: The measured constant, set by whoever measured it (verification), for blocks no bound makes contractive.
         self.measured_constant: float | None = None
 
@@ -189,8 +197,10 @@ class ResidualBlock(nn.Module):
 
     @property
     def guarantee(self) -> str:
-        """``certified`` when the bound proves ``Lip(g) < 1``, otherwise ``verified`` (accepted on measurement)."""
-        return "certified" if self.g.guarantee == "certified" and self.lipschitz() < 1 else "verified"
+        """``certified`` (a bound proves ``Lip(g) < 1``) or ``verified`` (accepted on measurement)."""
+        if self.g.guarantee == "verified" or (self.verify_if_unbounded and not self.lipschitz() < 1):
+            return "verified"
+        return "certified"
 
     def contraction(self) -> float:
         """The contraction factor iteration counts are computed with: the bound, or the measured constant."""

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import ACFBranch, DotProductAttention, GatedAttention, L2Attention
 from .base import Branch, Chain
 from .blocks import ResidualBlock
+from .config import validate_config
 from .flow import Flow
 from .layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze
 from .lipschitz import LipSwish, SNConv2d, SNLinear
@@ -165,10 +166,6 @@ _HOSTS = {"resflow": _resflow_layers, "glow": _glow_layers, "toy": _toy_layers, 
 
 
 def build_flow(config: dict[str, Any]) -> Flow:
-    """Build the (untrained) flow a config describes."""
-    host = config.get("host")
-    if host not in _HOSTS:
-        raise ValueError(f"unknown host {host!r}; use one of {', '.join(_HOSTS)}")
-    if host == "toy" and config.get("blocks", 0) > 10:
-        raise ValueError("the toy 2D flow has at most 10 blocks")
-    return Flow(_HOSTS[host](config), config["data_shape"], config["n_levels"], config["logit_alpha"])
+    """Build the (untrained) flow a config describes, once every field has been validated."""
+    validate_config(config)
+    return Flow(_HOSTS[config["host"]](config), config["data_shape"], config["n_levels"], config["logit_alpha"])

@@ -227,7 +227,7 @@ class _Builder:
             net.add(ForkL2Attention(idim, (h, w), arch["heads"]))
         net.add(ReferenceConv2d(widths[-1], c, kernels[-1], (h, w), coeff))
         kind = f"iresblock-fork-{arch['attention']}" if arch["attention"] else "iresblock"
-        return _named(ResidualBlock(Chain(*net.parts), kind), name)
+        return _named(ResidualBlock(Chain(*net.parts), kind, verify_if_unbounded=True), name)
 
     def fc_block(self, name: str, shape: tuple[int, int, int], idim: int) -> ResidualBlock:
         arch = self.arch
@@ -242,7 +242,8 @@ class _Builder:
         if arch["dropout"]:
             net.skip()
         net.add(ReferenceLinear(widths[-1], dim, arch["coeff"]))
-        return _named(ResidualBlock(Flattened(Chain(*net.parts), shape), "iresblock-fc"), name)
+        block = ResidualBlock(Flattened(Chain(*net.parts), shape), "iresblock-fc", verify_if_unbounded=True)
+        return _named(block, name)
 
     def scale(self, i: int, shape: tuple[int, int, int], last: bool) -> None:
         """One ``StackediResBlocks``: ``transforms.i.chain.*``."""

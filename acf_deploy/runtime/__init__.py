@@ -17,6 +17,8 @@ def open_backend(
     ``graphs``: the ONNX Runtime sessions to create (a session on the exact log-det graph takes longer
     to build than a whole sampling batch, so one-graph jobs open only theirs).
     """
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be at least 1, not {threads}")
     if name == "torch":
         from .torch_backend import TorchBackend
 

@@ -39,11 +39,11 @@ from ..fileio import atomic_path
 from .jobs import (
     Progress,
     bits_per_dim,
-    check_batch,
     check_npy_target,
     check_sample_request,
     check_seed,
     sample_batch,
+    sample_batch_size,
     score_batch,
     score_batch_size,
 )
@@ -355,7 +355,7 @@ def score_distributed(
     check_seed(seed)
     batch = score_batch_size(artifact, batch)
     if target is not None:
-        target = check_npy_target(target)
+        target = check_npy_target(target, len(data))
     n = len(data)
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
     worker_rss = [0.0]
@@ -396,7 +396,7 @@ def sample_distributed(
     options.check()
     target = check_sample_request(artifact, n, target, temperature)
     check_seed(seed)
-    batch = check_batch(batch)
+    batch = sample_batch_size(artifact, batch)
     shape = artifact.data_shape
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
     stats: dict[str, Any] = {"n": n, "residual_max": 0.0, "nonfinite": 0}
@@ -469,7 +469,7 @@ def score_job(
 
     options = _engine_options(engine, backend, threads, options)
     if target is not None:
-        check_npy_target(target)
+        check_npy_target(target, len(data))
     if options is not None:
         return score_distributed(artifact, data, seed, batch, options, on_progress, target)
     with open_backend(backend, artifact, threads=threads, graphs=("density",)) as runner:
@@ -498,6 +498,7 @@ def sample_job(
 
     options = _engine_options(engine, backend, threads, options)
     check_sample_request(artifact, n, target, temperature)
+    sample_batch_size(artifact, batch)
     if options is not None:
         return sample_distributed(artifact, n, target, temperature, seed, batch, options, on_progress)
     with open_backend(backend, artifact, threads=threads, graphs=("sample",)) as runner:

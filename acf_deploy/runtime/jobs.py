@@ -9,14 +9,19 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
-from ..data import as_levels, as_points, digits_split, load_array
+from ..data import check_levels, check_points, digits_split, load_array
 from ..errors import BadInput
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_free_space, check_output_file
 from ..plots import save_grid
 from .base import Backend
 
 Progress = Callable[[int], None]
 MAX_GRID = 1024
+#: Memory one sampling batch may take, estimated at :data:`SAMPLE_BYTES_PER_VALUE` per data value of each
+#: row (latents, samples and the flow's hidden activations, fp32).
+SAMPLE_BATCH_BYTES = 1 << 30
+SAMPLE_BYTES_PER_VALUE = 256
+NPY_HEADER_BYTES = 4096
 
 
 def check_sample_request(artifact: Artifact, n: int, target: str | Path, temperature: float) -> Path:
@@ -32,7 +37,20 @@ def check_sample_request(artifact: Artifact, n: int, target: str | Path, tempera
         raise BadInput("--temperature must be a positive number")
     if target.suffix == ".png" and len(artifact.data_shape) != 3:
         raise BadInput("a .png grid needs image data; use .npy for a 2D toy model")
+    check_output_file(target)
+    if target.suffix == ".npy":
+        check_free_space(target, n * artifact.dim * 4 + NPY_HEADER_BYTES)
     return target
+
+
+def sample_batch_size(artifact: Artifact, batch: int) -> int:
+    """``batch``, refused when one batch of samples would not fit in :data:`SAMPLE_BATCH_BYTES`."""
+    batch = check_batch(batch)
+    per_row = SAMPLE_BYTES_PER_VALUE * artifact.dim
+    if batch * per_row > SAMPLE_BATCH_BYTES:
+        largest = max(1, SAMPLE_BATCH_BYTES // per_row)
+        raise BadInput(f"--batch {batch} would need about {batch * per_row >> 20} MB; use at most {largest}")
+    return batch
 
 
 def sample_to_file(
@@ -48,7 +66,7 @@ def sample_to_file(
     """Draw ``n`` samples in batches into ``.npy`` (memory-mapped) or a ``.png`` grid; returns residual stats."""
     target = check_sample_request(artifact, n, target, temperature)
     check_seed(seed)
-    batch = check_batch(batch)
+    batch = sample_batch_size(artifact, batch)
     shape = artifact.data_shape
     stats = {"n": n, "residual_max": 0.0, "nonfinite": 0}
 
@@ -76,16 +94,20 @@ def sample_to_file(
 
 
 def load_score_data(artifact: Artifact, data: str) -> np.ndarray:
-    """``digits-test`` or a ``.npy``/``.npz`` file in the dataset's native levels (points for the toy)."""
+    """``digits-test`` or a ``.npy``/``.npz`` file in the dataset's native levels (points for the toy).
+
+    A ``.npy`` file is memory-mapped and validated in chunks, never copied: :func:`score_batch` converts
+    one batch at a time, so memory does not grow with the file.
+    """
     n_levels = artifact.manifest.get("n_levels")
     if data == "digits-test":
         if artifact.manifest["config"].get("data") != "digits":
             raise BadInput("digits-test only fits models trained on digits")
         return digits_split()[1]
-    array = load_array(data)
+    array = load_array(data, mmap=True)
     if n_levels:
-        return as_levels(array, artifact.data_shape, int(n_levels))
-    return as_points(array, artifact.data_shape)
+        return check_levels(array, artifact.data_shape, int(n_levels))
+    return check_points(array, artifact.data_shape)
 
 
 def score(
@@ -172,10 +194,14 @@ def sample_batch(
     return x, float(np.nanmax(out["residual"])), nonfinite
 
 
-def check_npy_target(target: str | Path) -> Path:
+def check_npy_target(target: str | Path, n: int | None = None) -> Path:
+    """A writable ``.npy`` output; with ``n``, room for ``n`` float64 values."""
     target = Path(target)
     if target.suffix != ".npy":
         raise BadInput(f"--out must end in .npy, not {target.suffix or '(none)'}")
+    check_output_file(target)
+    if n is not None:
+        check_free_space(target, 8 * n + NPY_HEADER_BYTES)
     return target
 
 

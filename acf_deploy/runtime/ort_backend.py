@@ -101,7 +101,7 @@ class OrtBackend(Backend):
         self.emulated = bool(half and (device == "cpu" if emulate is None else emulate))
         self.sessions = {}
         for graph in graphs:
-            path = artifact.verify_file(artifact.manifest["graphs"][graph]["file"])
+            path = artifact.verify_graph(graph)  # inside the artifact, external data included, hashes checked
             if self.emulated:
                 native = _native_failure(ort, path, options, providers)
                 if native and not self.unverified_reason:

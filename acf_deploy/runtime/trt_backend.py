@@ -219,7 +219,7 @@ class TrtBackend(Backend):
                 f"run `acf-deploy build {root}` first"
             )
         entry = candidates[-1]
-        path = root / entry["file"]
+        path = self.artifact.path(entry["file"])
         if not path.is_file():
             raise BadInput(f"{path} is missing; rebuild it with `acf-deploy build {root}`")
         plan = path.read_bytes()
