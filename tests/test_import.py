@@ -277,6 +277,15 @@ def test_unsupported_options_are_refused_by_name(option, tmp_path):
     assert named in _one_line_error(result)
 
 
+def test_import_never_writes_into_a_directory_of_user_files(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = _import(RESFLOW, out)
+    assert result.exit_code == 2 and "refusing" in _one_line_error(result)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_args_that_do_not_describe_the_weights_are_refused(tmp_path):
     checkpoint = load_fixture(RESFLOW)
     checkpoint["args"].idim = 64

@@ -26,7 +26,8 @@ from ..checkpoint import META, WEIGHTS, load_checkpoint
 from ..data import heldout_data
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_dir, check_output_dir, sha256_file
-from ..flows.blocks import series_truncation_bound, widest_per_sample
+from ..flows.blocks import series_truncation_bound
+from ..flows.cost import sweep_macs_per_sample, widest_per_sample
 from ..flows.flow import Flow
 from ..manifest import write_manifest
 from ..report import block_report, bound_failures, measurement_batch, model_samples, verification_failures
@@ -52,6 +53,10 @@ MEMORY_BUDGET_BYTES = 1 << 30
 N_GOLDEN = 16
 N_CALIBRATION = 128
 N_TAIL = 32
+#: Multiply-accumulates that calibration may spend per fixed-point sweep over its samples: 128 data points
+#: for a digits model, down to :data:`MIN_CALIBRATION` for a 16-million-parameter MNIST model.
+CALIBRATION_MACS = 1 << 30
+MIN_CALIBRATION = 8
 TAIL_QUANTILE = 1e-4
 
 
@@ -69,16 +74,22 @@ class ExportOptions:
     data: str | None = None  # held-out data file (levels); default: the preset's test split, else model samples
 
 
-def calibration_latents(dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Prior samples plus random directions at the ``1 - TAIL_QUANTILE`` chi quantile of ``||z||``.
+def calibration_size(flow: Flow) -> int:
+    """Data points (and prior samples) to calibrate on: :data:`N_CALIBRATION`, fewer for costly flows."""
+    sweep = sweep_macs_per_sample(block.g for block in flow.residual_blocks())
+    return int(min(N_CALIBRATION, max(MIN_CALIBRATION, CALIBRATION_MACS // max(1, sweep))))
+
+
+def calibration_latents(dim: int, generator: torch.Generator, n: int = N_CALIBRATION) -> torch.Tensor:
+    """``n`` prior samples plus ``n / 4`` random directions at the ``1 - TAIL_QUANTILE`` chi quantile of ``||z||``.
 
     The tail samples are the slowest to invert that a sampler meets in practice; without them the
     calibrated counts fit the bulk of 128 samples and the worst of 1,024 misses the tolerance.
     """
     from scipy.stats import chi
 
-    bulk = torch.randn(N_CALIBRATION, dim, generator=generator)
-    tail = torch.randn(N_TAIL, dim, generator=generator)
+    bulk = torch.randn(n, dim, generator=generator)
+    tail = torch.randn(max(2, n * N_TAIL // N_CALIBRATION), dim, generator=generator)
     tail = tail / tail.norm(dim=1, keepdim=True) * float(chi.ppf(1 - TAIL_QUANTILE, dim))
     return torch.cat([bulk, tail])
 
@@ -119,12 +130,13 @@ def export_artifact(
     flow.bake()
     mode = opts.logdet or default_logdet(flow.dim)
     generator = torch.Generator().manual_seed(opts.seed)
-    test, heldout = _heldout(flow, config, opts, generator)
-    data_x = to_model_space(test[:N_CALIBRATION], config, generator)
-    prior_z = calibration_latents(flow.dim, generator)
+    n_calibration = calibration_size(flow)
+    test, heldout = _heldout(flow, config, opts, generator, n_calibration)
+    data_x = to_model_space(test[:n_calibration], config, generator)
+    prior_z = calibration_latents(flow.dim, generator, n_calibration)
 
     say("verifying Lipschitz constants")
-    blocks = _verified_blocks(flow, data_x, prior_z)
+    blocks = _verified_blocks(flow, data_x, prior_z, say)
     say("calibrating fixed-point iterations")
     cal = calibrate(flow, data_x, prior_z, opts.tol)
     counts = _chosen_counts(opts.iters, cal)
@@ -147,7 +159,7 @@ def export_artifact(
 
     golden = _golden(flow, mode, opts, counts, config, test, generator)
     if heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
-        golden["heldout_levels"] = test[:N_CALIBRATION]
+        golden["heldout_levels"] = test[:n_calibration]
     with atomic_dir(out_dir, is_artifact_dir, ARTIFACT) as tmp:
         onnx.save(sample, tmp / "sample.onnx")
         onnx.save(density, tmp / "density.onnx")
@@ -158,7 +170,7 @@ def export_artifact(
         for name in (WEIGHTS, META):
             shutil.copyfile(source / name, tmp / CHECKPOINT_DIR / name)
         manifest = _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density)
-        manifest["heldout"] = heldout
+        manifest["heldout"] = {**heldout, "calibration_data": len(data_x), "calibration_prior": len(prior_z)}
         calibrated_rt = roundtrip_errors(flow, cal.calibrated, data_x, prior_z)
         manifest["roundtrip"] = {
             "calibrated": calibrated_rt,
@@ -186,7 +198,7 @@ def export_artifact(
 
 
 def _heldout(
-    flow: Flow, config: dict[str, Any], opts: ExportOptions, generator: torch.Generator
+    flow: Flow, config: dict[str, Any], opts: ExportOptions, generator: torch.Generator, n: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Held-out levels for calibration and the golden batch, and where they came from.
 
@@ -196,13 +208,15 @@ def _heldout(
     levels = heldout_data(config, opts.data, seed=opts.seed)
     if levels is not None:
         return levels, {"source": "file" if opts.data else "dataset", "n": len(levels)}
-    x = model_samples(flow, torch.randn(N_CALIBRATION, flow.dim, generator=generator))
+    x = model_samples(flow, torch.randn(n, flow.dim, generator=generator))
     n = int(config["n_levels"])
     levels = torch.clamp(torch.floor(torch.nan_to_num(x) * n), 0, n - 1).to(torch.uint8 if n <= 256 else torch.int64)
     return levels.numpy(), {"source": "model samples", "n": len(levels)}
 
 
-def _verified_blocks(flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor) -> list[dict[str, Any]]:
+def _verified_blocks(
+    flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     """Per-block L judged on this flow alone: bounds from the baked weights, constants measured now.
 
     Nothing is taken from the checkpoint's metrics, which anyone can edit. A certified bound not below 1 is
@@ -217,7 +231,7 @@ def _verified_blocks(flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor) ->
     samples = None
     if any(block.guarantee == "verified" for block in flow.residual_blocks()):
         samples = model_samples(flow, prior_z[:n])
-    rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20)
+    rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20, log=log)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not exported: " + "; ".join(failures))
@@ -270,11 +284,18 @@ def _io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": entries(model.graph.input), "outputs": entries(model.graph.output)}
 
 
-def max_safe_batch(flow: Flow, mode: str, probes: int) -> int:
-    """Largest batch whose exact/series log-det intermediates fit in the memory budget (estimate)."""
+def max_safe_batch(flow: Flow, mode: str, probes: int, terms: int) -> int:
+    """Largest batch whose exact/series log-det intermediates fit in the memory budget (estimate).
+
+    Per sample, each of ``D`` (exact) or ``probes`` (series) tangents carries the widest intermediate of a
+    branch, about ``2 x parts`` times (primal and tangent of every layer, at least 16), and in series mode once
+    per term: ONNX Runtime keeps each term's tensors (the 16.6M-parameter MNIST flow needs 0.5 GB a sample).
+    """
     fan_out = flow.dim if mode == "exact" else probes
     widest = max((widest_per_sample(block.g, flow.dim) for block in flow.residual_blocks()), default=flow.dim)
-    per_sample = fan_out * widest * 4 * 16  # fp32, ~16 live tensors (primal + tangent)
+    parts = max((len(list(block.g.modules())) for block in flow.residual_blocks()), default=1)
+    live = max(16, 2 * parts) * (terms if mode == "series" else 1)
+    per_sample = fan_out * widest * 4 * live  # fp32
     return max(1, int(MEMORY_BUDGET_BYTES // per_sample))
 
 
@@ -329,7 +350,7 @@ def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, densi
         "blocks": block_rows,
         "preprocessing": meta.get("preprocessing", {}),
         "training_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k not in ("blocks", "history")},
-        "max_safe_batch": max_safe_batch(flow, mode, opts.probes),
+        "max_safe_batch": max_safe_batch(flow, mode, opts.probes, opts.terms),
         "export_options": asdict(opts),
         "tools": {
             "acf_deploy": __version__,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .base import Branch, Tensor
+from .cost import widest_per_sample
 
 
 @dataclass
@@ -75,20 +76,6 @@ def lu_logdet_graph(a: Tensor) -> tuple[Tensor, Tensor]:
 
 #: Elements of the widest intermediate that one eager JVP batch may hold (about 256 MB in float32).
 EAGER_JVP_ELEMENTS = 1 << 26
-
-
-def widest_per_sample(g: Branch, input_numel: int) -> int:
-    """Elements of the widest intermediate of ``g`` per sample: its input, a convolution's output map, or an
-    attention's ``heads x N x N`` scores."""
-    widest = input_numel
-    for module in g.modules():
-        n_tokens = getattr(module, "n_tokens", None)
-        if n_tokens:
-            widest = max(widest, getattr(module, "heads", 1) * n_tokens * n_tokens)
-        hw = getattr(module, "input_hw", None)
-        if hw is not None and getattr(module, "weight", None) is not None:
-            widest = max(widest, module.weight.shape[0] * hw[0] * hw[1])
-    return widest
 
 
 def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,10 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..data import heldout_data
 from ..errors import BadInput, CheckFailed
-from ..fileio import sha256_file
+from ..fileio import check_output_dir, sha256_file
 from ..flows.flow import Flow
 from ..flows.presets import build_flow
+from ..pipeline import is_checkpoint_dir
 from ..report import block_report, measurement_batch, model_samples, verification_failures
 from ..train import to_model_space
 from .architecture import config_from_args
@@ -102,7 +103,9 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def judge_blocks(flow: Flow, data: torch.Tensor | None, generator: torch.Generator) -> list[dict[str, Any]]:
+def judge_blocks(
+    flow: Flow, data: torch.Tensor | None, generator: torch.Generator, log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """Per-block report of a baked imported flow; refuses (exit 1) a block neither certified nor verified.
 
     Blocks are measured on data (when given) and on model samples. Samples that diverge already show that
@@ -114,9 +117,9 @@ def judge_blocks(flow: Flow, data: torch.Tensor | None, generator: torch.Generat
     if diverged:
         samples = torch.rand(n, *flow.data_shape, generator=generator) * 0.9 + 0.05
     if data is None:  # model samples stand in for data
-        rows = block_report(flow, samples, None, n_iter=20, steps=20)
+        rows = block_report(flow, samples, None, n_iter=20, steps=20, log=log)
     else:
-        rows = block_report(flow, data[:n], None if diverged else samples, n_iter=20, steps=20)
+        rows = block_report(flow, data[:n], None if diverged else samples, n_iter=20, steps=20, log=log)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not imported, the fixed-point inverse is not guaranteed: " + "; ".join(failures))
@@ -139,6 +142,7 @@ def import_checkpoint(
     without it, model samples stand in for data.
     """
     say = log or (lambda _msg: None)
+    out_dir = check_output_dir(out_dir, is_checkpoint_dir, "an acf-deploy checkpoint")
     say("reading the checkpoint")
     flow, config, provenance = build_imported_flow(path, weights)
     generator = torch.Generator().manual_seed(seed)
@@ -150,6 +154,6 @@ def import_checkpoint(
     baked = build_flow(config)
     baked.load_state_dict(flow.state_dict())
     baked.bake()
-    blocks = judge_blocks(baked, data_x, generator)
+    blocks = judge_blocks(baked, data_x, generator, log=say)
     directory = save_checkpoint(flow, config, out_dir, {"blocks": blocks}, provenance=provenance)
     return ImportResult(Path(directory), config, provenance, blocks)

@@ -197,11 +197,12 @@ def compare_golden(artifact: Artifact, backend: Backend, atol: float = 1e-4, rto
     probes = golden.get("in_probes")
     temperature = float(golden["in_temperature"][0])
     s_got = backend.sample(golden["in_z"], temperature)
-    d_got = backend.density(golden["in_x"], probes)
+    chunk = safe_chunk(artifact)
+    d_got = run_chunked(backend.density, {"x": golden["in_x"], "probes": probes}, chunk)
     s_ref = {k[len("sample_") :]: v for k, v in golden.items() if k.startswith("sample_")}
     d_ref = {k[len("density_") :]: v for k, v in golden.items() if k.startswith("density_")}
     z = golden["in_z"] * np.float32(temperature)  # the latents the samples came from
-    extra = roundtrips(backend, golden["in_x"], z, d_got["z"], s_got["x"], probes, len(z))
+    extra = roundtrips(backend, golden["in_x"], z, d_got["z"], s_got["x"], probes, chunk)
     return _judge(
         "golden", backend.name, (s_got, s_ref), (d_got, d_ref), atol, rtol, extra, *_precision_args(artifact, backend)
     )
@@ -261,6 +262,11 @@ def data_batch(artifact: Artifact, n: int, seed: int) -> np.ndarray:
     return to_model_space(test[index], config, generator).numpy().astype(np.float32)
 
 
+def safe_chunk(artifact: Artifact) -> int:
+    """Rows per density call: the artifact's largest safe batch, at most 256."""
+    return max(1, min(256, int(artifact.manifest.get("max_safe_batch", 256))))
+
+
 def run_chunked(fn, arrays: dict[str, np.ndarray | None], chunk: int) -> Arrays:
     """Apply ``fn(**batch)`` in chunks along the batch axis and concatenate."""
     n = len(next(v for v in arrays.values() if v is not None))
@@ -281,7 +287,7 @@ def compare_backends(
 ) -> ParityResult:
     """Backend vs reference on ``n`` seeded inputs, with round trips through the backend."""
     inputs = check_inputs(artifact, n, seed)
-    chunk = max(1, min(256, int(artifact.manifest.get("max_safe_batch", 256))))
+    chunk = safe_chunk(artifact)
     results = {}
     for side, runner in (("got", backend), ("ref", reference)):
         s = run_chunked(runner.sample, {"z": inputs["z"]}, chunk)
