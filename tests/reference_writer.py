@@ -124,7 +124,7 @@ def save_reference_checkpoint(checkpoint: dict[str, Any], path: Path) -> Path:
 def load_fixture(path: Path) -> dict[str, Any]:
     from acf_deploy.importer.safe_load import load_reference_checkpoint
 
-    return load_reference_checkpoint(path)
+    return load_reference_checkpoint(path)[0]
 
 
 def _tree_node(qualified: str, fields: dict[str, Any]) -> StandIn:

@@ -109,8 +109,9 @@ def _refusal(name: str) -> str:
     return f"it holds the global {name}, which is not one that Residual Flows or the ACF code writes; not loaded"
 
 
-def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's top-level dict, with stand-ins in place of the reference's objects."""
+def load_reference_checkpoint(path: str | Path) -> tuple[dict[str, Any], set[str]]:
+    """The checkpoint's top-level dict, with stand-ins in place of the reference's objects, and the globals
+    it names (which tell the reference's classes apart, e.g. its two attention variants)."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path} does not exist or is not a file")
@@ -140,7 +141,7 @@ def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(loaded["args"], argparse.Namespace) or not isinstance(loaded["state_dict"], dict):
         raise BadInput(f"{path}: 'args' is not an argparse.Namespace or 'state_dict' is not a dict")
-    return loaded
+    return loaded, set(names)
 
 
 def _first_line(exc: BaseException) -> str:
