@@ -228,7 +228,7 @@ def import_cmd(
 
 def render_blocks(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    for column in ("block", "kind", "guarantee", "certified bound", "measured L", "gamma", "attention share"):
+    for column in ("block", "kind", "guarantee", "certified bound", "measured L", "gate", "attention share"):
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -237,7 +237,7 @@ def render_blocks(rows: list[dict[str, Any]], title: str) -> None:
             row["guarantee"],
             _fmt(row.get("lipschitz_certified")),
             _fmt(row["lipschitz_measured"]),
-            _fmt(row.get("gamma")),
+            _fmt(row.get("gate", row.get("gamma"))),
             _fmt(row.get("attention_share")),
         )
     out.print(table)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .flows.attention import ACFBranch
+from .flows.attention import ACFBranch, GatedAttention
 from .flows.blocks import LogdetSpec, ResidualBlock
 from .flows.cost import widest_per_sample
 from .flows.flow import Flow
@@ -58,7 +58,9 @@ def block_report(
     steps: int = 30,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per residual block: kind, guarantee, certified L, measured L, gamma, attention share.
+    """One row per residual block: kind, guarantee, certified L, measured L, and for attention blocks the gate's
+    attention weight ``b``, the attention share ``||b F/B|| / ||h||`` on data and the measured gain of ``F/B``
+    (its certified bound is 1, so the gain is the gain/bound ratio).
 
     ``log`` hears which block is being measured (measuring a large model takes minutes)."""
     names = flow.block_names()
@@ -83,12 +85,16 @@ def block_report(
             "lipschitz_bound": block.lipschitz() if math.isfinite(block.lipschitz()) else None,
             "lipschitz_measured": measured,
         }
-        gates = [m for m in block.g.modules() if hasattr(m, "attention_share") and hasattr(m, "gamma")]
+        gates = [m for m in block.g.modules() if hasattr(m, "attention_share") and hasattr(m, "attention_weight")]
         if gates:
             gate = gates[0]
             hidden = _gate_input(block, gate, xd)
-            row["gamma"] = float(gate.gamma.detach())
+            row["gate"] = gate.attention_weight()
+            if hasattr(gate, "gamma"):
+                row["gamma"] = float(gate.gamma.detach().reshape(()))
             row["attention_share"] = float(gate.attention_share(hidden).mean())
+            if isinstance(gate, GatedAttention):  # F/B is certified 1-Lipschitz: its measured gain is the ratio
+                row["attention_gain"] = measured_lipschitz(gate.attn, [hidden], n_iter=n_iter, steps=steps)
         elif isinstance(block.g, ACFBranch):  # standalone ACF layer: share ||c F(x)/B|| / ||x||, no gamma
             with torch.no_grad():
                 share = block.g(xd).flatten(1).norm(dim=1) / xd.flatten(1).norm(dim=1)

@@ -62,7 +62,7 @@ def make_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
     flow.initialize(data)
     with torch.no_grad():
         for pname, p in flow.named_parameters():
-            if pname.endswith("gamma"):
+            if pname.endswith(("gamma", "theta")):  # gates open
                 p.fill_(0.5)
             else:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))

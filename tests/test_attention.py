@@ -41,7 +41,7 @@ def _randomise(module: nn.Module, scale: float = 1.0) -> nn.Module:
     """Generic (non-orthogonal) weights, so no identity hides a wrong derivative."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("gamma"):
+            if name.endswith(("gamma", "theta")):
                 continue
             p.copy_(scale * torch.randn_like(p) / math.sqrt(DIM))
     return module
@@ -54,14 +54,22 @@ def _inputs(batch: int = 4, dtype: torch.dtype = torch.float64) -> list[torch.Te
     return [x, torch.logit(u)]
 
 
+def _gate(gate: GatedAttention, value: float) -> GatedAttention:
+    with torch.no_grad():
+        gate.param.fill_(value)
+    return gate
+
+
 def _make(kind: str, heads: int) -> nn.Module:
     l2 = _randomise(L2Attention(DIM, heads, N))
     dp = _randomise(DotProductAttention(DIM, heads, N))
     return {
         "l2": l2,
         "dp": dp,
-        "gated-l2": GatedAttention(l2, gamma=0.7),
-        "gated-dp": GatedAttention(dp, gamma=-1.3),
+        "gated-l2": _gate(GatedAttention(l2, "abs"), 0.7),
+        "gated-dp": _gate(GatedAttention(dp, "abs"), -1.3),
+        "convex-l2": _gate(GatedAttention(l2, "convex"), 0.4),
+        "tanh-dp": _gate(GatedAttention(dp, "tanh"), -0.8),
         "branch-l2": ACFBranch(l2, c=0.9),
         "branch-dp": ACFBranch(dp, c=0.9),
     }[kind]
@@ -118,7 +126,7 @@ def test_dp_value_constant_bounds_attention_matrix_norm():
 # --- hand-written JVPs ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["l2", "dp", "gated-l2", "gated-dp", "branch-l2", "branch-dp"])
+@pytest.mark.parametrize("kind", ["l2", "dp", "gated-l2", "gated-dp", "convex-l2", "tanh-dp", "branch-l2", "branch-dp"])
 @pytest.mark.parametrize("heads", [1, 4])
 def test_jvp_matches_autodiff(kind: str, heads: int):
     torch.manual_seed(heads)
@@ -250,7 +258,7 @@ def test_dp_bound_dominates_measurement():
         assert module.lipschitz() == 1.0 and module.guarantee == "verified"
 
 
-@pytest.mark.parametrize("kind", ["gated-l2", "gated-dp", "branch-l2", "branch-dp"])
+@pytest.mark.parametrize("kind", ["gated-l2", "gated-dp", "convex-l2", "tanh-dp", "branch-l2", "branch-dp"])
 def test_composed_bounds_dominate_measurement(kind: str):
     torch.manual_seed(9)
     module = _make(kind, 2).double()
@@ -263,18 +271,38 @@ def test_composed_bounds_dominate_measurement(kind: str):
     assert module.guarantee == ("certified" if kind.endswith("l2") else "verified")
 
 
-def test_gated_lipschitz_and_share():
+@pytest.mark.parametrize(
+    ("form", "value", "a", "b"),
+    [
+        ("abs", 0.7, 1 / 1.7, 0.7 / 1.7),
+        ("convex", 0.4, 1 - 1 / (1 + math.exp(-0.4)), 1 / (1 + math.exp(-0.4))),
+        ("tanh", -0.8, 0.5, 0.5 * math.tanh(-0.8)),
+    ],
+)
+def test_gates_mix_input_and_attention_within_one(form: str, value: float, a: float, b: float):
+    """``A(h) = a h + b F/B`` with ``|a| + |b| <= 1`` (so Lip(A) <= 1), the same before and after bake."""
     torch.manual_seed(11)
     attn = _randomise(L2Attention(DIM, 2, N)).double()
-    gated = GatedAttention(attn, gamma=0.7).double()
-    assert gated.lipschitz() == pytest.approx(1.0)  # (1 + 0.7 * 1) / (1 + 0.7)
-    assert ACFBranch(attn, c=0.9).lipschitz() == pytest.approx(0.9)
+    gated = _gate(GatedAttention(attn, form).double(), value)
+    assert gated.lipschitz() == pytest.approx(abs(a) + abs(b)) and gated.lipschitz() <= 1 + 1e-12
+    assert gated.attention_weight() == pytest.approx(b)
     h = torch.randn(3, DIM, *HW, dtype=torch.float64)
-    expected = (0.7 * attn(h)).flatten(1).norm(dim=1) / h.flatten(1).norm(dim=1)
+    expected = (b * attn(h)).flatten(1).norm(dim=1) / h.flatten(1).norm(dim=1)
     torch.testing.assert_close(gated.attention_share(h), expected)
-    gamma = float(gated.gamma.detach())
     gated.bake()
-    torch.testing.assert_close(gated(h), (h + gamma * attn(h)) / (1 + gamma), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gated(h), a * h + b * attn(h), rtol=1e-12, atol=1e-14)
+
+
+def test_new_gates_start_open_and_smooth():
+    """The old gate starts closed with a kink at 0; the new ones start with attention on, differentiably."""
+    attn = L2Attention(DIM, 2, N).double()
+    assert GatedAttention(attn, "abs").attention_weight() == 0.0
+    for form in ("convex", "tanh"):
+        gated = GatedAttention(attn, form).double()
+        assert gated.attention_weight() > 0.2
+        weight = gated._coeffs()[1]
+        (grad,) = torch.autograd.grad(weight, gated.param)
+        assert float(grad) > 0.1  # a real gradient, not a subgradient pulling it to zero
 
 
 # --- measurement tools ----------------------------------------------------------------------

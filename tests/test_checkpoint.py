@@ -23,7 +23,7 @@ def _flow(name: str = "digits-acf-l2"):
     flow.initialize(torch.rand(32, *shape))
     with torch.no_grad():  # weights off their initial values, gates open
         for pname, p in flow.named_parameters():
-            p.copy_(torch.full_like(p, 0.5) if pname.endswith("gamma") else p + 0.05 * torch.randn_like(p))
+            p.copy_(torch.full_like(p, 0.5) if pname.endswith(("gamma", "theta")) else p + 0.05 * torch.randn_like(p))
     return flow.eval(), config
 
 

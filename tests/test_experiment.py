@@ -92,7 +92,7 @@ def test_small_budget_writes_a_preregistered_report(small_run):
             assert run["config"]["hidden"] == BUDGETS["small"].hidden
             assert run["config"]["scales"] == list(BUDGETS["small"].scales)
     blocks = json.loads((out / "runs" / "digits-acf-l2" / "seed0" / "result.json").read_text())["blocks"]
-    assert blocks and all("gamma" in b and "attention_share" in b and b["lipschitz_measured"] > 0 for b in blocks)
+    assert blocks and all("gate" in b and "attention_share" in b and b["lipschitz_measured"] > 0 for b in blocks)
 
 
 @pytest.mark.timeout(120)

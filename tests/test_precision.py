@@ -48,7 +48,7 @@ def _checkpoint(name: str, directory: Path, **overrides) -> Path:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # off the initial values, so that no block is near the identity
         for pname, p in flow.named_parameters():
-            if pname.endswith("gamma"):
+            if pname.endswith(("gamma", "theta")):
                 p.fill_(0.5)
             else:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))

@@ -22,7 +22,15 @@ from torch import nn
 from ..errors import BadInput
 from .base import Branch, Tensor
 
-__all__ = ["ACFBranch", "DotProductAttention", "GatedAttention", "L2Attention", "dp_value_constant", "l2_constant"]
+__all__ = [
+    "ACFBranch",
+    "DotProductAttention",
+    "GATES",
+    "GatedAttention",
+    "L2Attention",
+    "dp_value_constant",
+    "l2_constant",
+]
 
 
 def l2_constant(n_tokens: int) -> float:
@@ -293,17 +301,42 @@ def _row_norm_tangent(a: Tensor, da: Tensor, at: Tensor) -> Tensor:
     return (torch.gather(a, 2, index) * torch.gather(da, 2, index)).sum((-2, -1))
 
 
-class GatedAttention(Branch):
-    r"""The non-expansive sub-map inside an i-ResBlock's ``g``: ``A(h) = (h + gamma F(h)/B) / (1 + |gamma|)``.
+#: The gates :class:`GatedAttention` offers.
+GATES = ("convex", "tanh", "abs")
+#: The tanh gate's attention budget: ``A(h) = (h + c tanh(theta) F/B) / (1 + c)``.
+TANH_BUDGET = 1.0
 
-    ``attn`` already returns ``F/B``. Dividing by ``1 + |gamma|`` keeps ``Lip(A) <= 1`` for every
-    learned ``gamma`` (the reference code's unbounded ``h + gamma S/kappa`` does not; notes 12.1).
+
+class GatedAttention(Branch):
+    r"""The non-expansive sub-map inside an i-ResBlock's ``g``: ``A(h) = a h + b F(h)/B`` with ``|a| + |b| <= 1``.
+
+    ``attn`` already returns ``F/B`` (1-Lipschitz), so ``Lip(A) <= |a| + |b| <= 1`` for every learned
+    parameter and the block keeps its certified bound. The gates:
+
+    * ``convex``: ``a = 1 - s``, ``b = s``, ``s = sigmoid(theta)``, ``theta = 0``. Attention starts at half
+      weight, and the coefficients are smooth everywhere.
+    * ``tanh``: ``a = 1 / (1 + c)``, ``b = c tanh(theta) / (1 + c)`` with ``c = 1`` and ``theta = 1``: an
+      attention path ``h + c tanh(theta) F/B`` whose Lipschitz budget ``1 + c`` is taken back from the rest
+      of ``g``, starting open and smooth at every ``theta``.
+    * ``abs`` (the presets' gate): ``a = 1 / (1 + |gamma|)``, ``b = gamma / (1 + |gamma|)``, ``gamma = 0``. It
+      starts closed, and the kink of ``|gamma|`` at 0 pulls ``gamma`` back like an L1 penalty: trained models
+      kept ``gamma`` near 1e-4 and attention shares near 1e-5.
+
+    Measured on digits after 4 epochs (``digits-acf-l2``): the open gates keep their weight (0.49 convex, 0.39
+    tanh) but the attention share stays 0.004-0.007 at 4 x 4 pixels and 0.02-0.03 at 2 x 2, because ``F/B``'s
+    measured gain is 0.027 and 0.10 of its certified bound; held-out bits/dim were 3.73 (convex, tanh) vs
+    3.63 (abs) at that point.
     """
 
-    def __init__(self, attn: _Attention, gamma: float = 0.0):
+    def __init__(self, attn: _Attention, form: str = "abs"):
         super().__init__()
-        self.attn = attn
-        self.gamma = nn.Parameter(torch.tensor(float(gamma)))
+        if form not in GATES:
+            raise ValueError(f"unknown gate {form!r}; use one of {', '.join(GATES)}")
+        self.attn, self.form = attn, form
+        if form == "abs":
+            self.gamma = nn.Parameter(torch.tensor(0.0))
+        else:
+            self.theta = nn.Parameter(torch.tensor(0.0 if form == "convex" else 1.0))
         self.register_buffer("baked_coeffs", torch.empty(0), persistent=False)
         self.baked = False
 
@@ -311,12 +344,24 @@ class GatedAttention(Branch):
     def guarantee(self) -> str:  # type: ignore[override]
         return self.attn.guarantee
 
+    @property
+    def param(self) -> nn.Parameter:
+        """The gate's one learned scalar: ``theta``, or ``gamma`` for the ``abs`` gate."""
+        return self.gamma if self.form == "abs" else self.theta
+
+    def _coeffs_of(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` for a value of the parameter."""
+        if self.form == "convex":
+            s = torch.sigmoid(value)
+            return 1.0 - s, s
+        if self.form == "tanh":
+            return value.new_tensor(1.0 / (1.0 + TANH_BUDGET)), TANH_BUDGET * torch.tanh(value) / (1.0 + TANH_BUDGET)
+        return 1.0 / (1.0 + value.abs()), value / (1.0 + value.abs())
+
     def _coeffs(self) -> tuple[Tensor, Tensor]:
-        """``1 / (1 + |gamma|)`` and ``gamma / (1 + |gamma|)``."""
         if self.baked:
             return self.baked_coeffs[0], self.baked_coeffs[1]
-        denom = 1.0 + self.gamma.abs()
-        return 1.0 / denom, self.gamma / denom
+        return self._coeffs_of(self.param)
 
     def forward(self, h: Tensor) -> Tensor:
         a, b = self._coeffs()
@@ -328,25 +373,29 @@ class GatedAttention(Branch):
         return a * h + b * y, a * v + b * dy
 
     def lipschitz(self) -> float:
-        g = abs(float(self.gamma.detach()))
-        return (1.0 + g * self.attn.lipschitz()) / (1.0 + g)
+        a, b = (float(c.detach()) for c in self._coeffs())
+        return abs(a) + abs(b) * self.attn.lipschitz()
+
+    def attention_weight(self) -> float:
+        """``b``: the weight of ``F/B`` in the gate's output."""
+        return float(self._coeffs()[1].detach())
 
     @torch.no_grad()
     def attention_share(self, h: Tensor) -> Tensor:
-        r"""Per sample ``||gamma F(h)/B|| / ||h||`` (DESIGN 1.2's definition, before the ``1/(1+|gamma|)``)."""
-        s = (self.gamma * self.attn(h)).flatten(1).norm(dim=1)
+        r"""Per sample ``||b F(h)/B|| / ||h||``: the attention's contribution relative to its input."""
+        s = (self._coeffs()[1] * self.attn(h)).flatten(1).norm(dim=1)
         return s / h.flatten(1).norm(dim=1)
 
     @torch.no_grad()
     def bake(self) -> None:
         self.attn.bake()
-        g = self.gamma.detach().double()
-        self.baked_coeffs = torch.stack([1.0 / (1.0 + g.abs()), g / (1.0 + g.abs())]).to(self.gamma.dtype)
+        a, b = self._coeffs_of(self.param.detach().double())  # folded in float64, then rounded once
+        self.baked_coeffs = torch.stack([a, b]).to(self.param.dtype)
         self.baked = True
 
     def unbake(self) -> None:
         self.attn.unbake()
-        self.baked_coeffs = torch.empty(0, device=self.gamma.device)
+        self.baked_coeffs = torch.empty(0, device=self.baked_coeffs.device)
         self.baked = False
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadInput
+from .attention import GATES
 
 #: Limits well above every preset (CIFAR-10 is 3 x 32 x 32 with 128 hidden channels) and well below
 #: what would exhaust a machine while building or running the flow.
@@ -95,6 +96,8 @@ def _resflow(config: Config) -> None:
         heads = _int(config, "heads", 1, MAX_HEADS)
         if hidden % heads:
             raise _fail("heads", f"a divisor of hidden ({hidden})", heads)
+        if "gate" in config:
+            _choice(config, "gate", GATES)
     parameters = 0
     for scale, n_blocks in enumerate(scales):
         if h % 2 == 0 and w % 2 == 0 and (scale > 0 or config.get("squeeze_first", True)):

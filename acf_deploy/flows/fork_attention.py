@@ -60,6 +60,10 @@ class _ForkAttention(Branch):
         out, d_out = self._attend(h, v)
         return h + self.gamma * out, v + self.gamma * d_out
 
+    def attention_weight(self) -> float:
+        """The weight of the attention output in this map's output: ``gamma``."""
+        return float(self.gamma.detach().reshape(()))
+
     @torch.no_grad()
     def attention_share(self, h: Tensor) -> Tensor:
         """Per sample ``||gamma F(h) / c|| / ||h||``: how much the attention changes its input."""

@@ -32,7 +32,15 @@ _TRAIN = {
     "ema_decay": 0.99,
     "grad_clip": 1.0,
 }
-_RESFLOW = {"host": "resflow", "scales": [4, 4], "hidden": 32, "coeff": 0.9, "heads": 2, "attention": None}
+_RESFLOW = {
+    "host": "resflow",
+    "scales": [4, 4],
+    "hidden": 32,
+    "coeff": 0.9,
+    "heads": 2,
+    "attention": None,
+    "gate": "abs",  # convex and tanh gates exist; the default changes only on evidence at the full budget
+}
 _GLOW = {"host": "glow", "scales": [4, 4], "hidden": 32, "coeff": 0.9, "heads": 2, "acf": None, "acf_c": 0.9}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,7 +119,8 @@ def _conv_branch(channels: int, hw: tuple[int, int], config: dict[str, Any]) -> 
         LipSwish(),
     ]
     if config.get("attention"):
-        parts.append(GatedAttention(_attention(config["attention"], hidden, config["heads"], hw[0] * hw[1])))
+        attn = _attention(config["attention"], hidden, config["heads"], hw[0] * hw[1])
+        parts.append(GatedAttention(attn, config.get("gate", "abs")))  # checkpoints from before gates: abs
     parts.append(SNConv2d(hidden, channels, 3, hw, coeff))
     return Chain(*parts)
 
