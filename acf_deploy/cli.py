@@ -154,15 +154,12 @@ def train(
     data: Path | None = typer.Option(None, help="Local data file for mnist/cifar presets (.npz, IDX, PNG folder)."),
 ) -> None:
     """Train a preset on its data; writes an EMA checkpoint every epoch, then the held-out report."""
-    import torch
-
     from .errors import BadInput
     from .flows.presets import PRESETS, preset_config
     from .pipeline import train_preset
 
     if preset not in PRESETS:
         raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_hp = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     overrides: dict[str, Any] = {"train": train_hp}
     if data is not None:

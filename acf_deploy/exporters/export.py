@@ -7,7 +7,6 @@ golden batch. On any failure nothing is left behind.
 
 from __future__ import annotations
 
-import math
 import platform
 import shutil
 import time
@@ -464,5 +463,4 @@ __all__ = [
     "max_safe_batch",
     "rademacher",
     "verify_export",
-    "math",
 ]

@@ -39,8 +39,6 @@ __all__ = [
     "weight_only_nodes",
 ]
 
-SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"}
-
 
 def _subgraphs(node: onnx.NodeProto) -> Iterable[GraphProto]:
     for attr in node.attribute:

@@ -68,7 +68,6 @@ DEFAULT_MAX_BATCH = 256
 METADATA = "acf-triton.json"
 README = "README.md"
 BUILD_SCRIPT = "build_engines.sh"
-MODEL_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"  # where NVIDIA's tritonserver and TensorRT containers keep it
 CONTAINER = "nvcr.io/nvidia/tritonserver:<YY.MM>-py3"
 PER_ROW_INPUTS = ("temperature",)
