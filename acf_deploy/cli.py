@@ -270,10 +270,19 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Export a checkpoint to sample.onnx + density.onnx, verified against PyTorch before it counts."""
-    from .exporters.export import ExportOptions, export_artifact
+    from .pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(
-        logdet, terms, probes, inverse, iters, tol, precision, opset, seed, None if data is None else str(data)
+        logdet=logdet,
+        terms=terms,
+        probes=probes,
+        inverse=inverse,
+        iters=iters,
+        tol=tol,
+        precision=precision,
+        opset=opset,
+        seed=seed,
+        data=None if data is None else str(data),
     )
     with console.status("exporting") as status:
         artifact = export_artifact(checkpoint, out_dir, opts, log=lambda msg: status.update(msg))

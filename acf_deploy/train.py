@@ -18,24 +18,16 @@ import numpy as np
 import torch
 
 from .checkpoint import load_state, read_tensors, save_checkpoint, save_tensors
-from .data import training_data
+from .data import to_model_space, training_data
 from .errors import BadInput
 from .fileio import write_json
 from .flows.blocks import LogdetSpec
 from .flows.flow import Flow
-from .flows.layers import LogitTransform, bits_per_dim, dequantize
+from .flows.layers import LogitTransform, bits_per_dim
 from .flows.presets import build_flow
 
 STATE_WEIGHTS = "train_state.safetensors"
 STATE_META = "train_state.json"
-
-
-def to_model_space(batch: np.ndarray, config: dict[str, Any], generator: torch.Generator | None, mid: bool = False):
-    """Levels to dequantised ``[0, 1]`` data for images; float points unchanged for the toy."""
-    tensor = torch.as_tensor(batch)
-    if config["n_levels"]:
-        return dequantize(tensor, config["n_levels"], generator=generator, mid=mid)
-    return tensor.to(torch.get_default_dtype())
 
 
 def training_spec(config: dict[str, Any]) -> LogdetSpec:

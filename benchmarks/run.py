@@ -61,7 +61,7 @@ def log(message: str) -> None:
 def export(checkpoint: Path, out: Path, **options: Any) -> Path:
     import torch
 
-    from acf_deploy.exporters.export import ExportOptions, export_artifact
+    from acf_deploy.pipeline import ExportOptions, export_artifact
 
     started, previous = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # tracing and calibration are many tiny ops: one thread is fastest
@@ -80,7 +80,8 @@ def sample_variant(source: Path, out: Path, inverse: str, counts: list[int] | No
 
     from acf_deploy.checkpoint import load_checkpoint
     from acf_deploy.exporters.graphs import export_sample_loop, export_sample_unrolled
-    from acf_deploy.exporters.optimize import count_nodes, optimize_graph
+    from acf_deploy.exporters.optimize import optimize_graph
+    from acf_deploy.onnx_util import count_nodes
 
     if out.exists():
         shutil.rmtree(out)

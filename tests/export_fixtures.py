@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from acf_deploy.checkpoint import save_checkpoint
-from acf_deploy.exporters.export import ExportOptions, export_artifact
 from acf_deploy.fileio import sha256_file
 from acf_deploy.flows.presets import build_flow, preset_config
 from acf_deploy.manifest import write_manifest
+from acf_deploy.pipeline import ExportOptions, export_artifact
 from acf_deploy.report import block_report
 
 PRESETS = ("digits-acf-l2", "digits-acf-dp", "digits-resflow", "digits-glow", "digits-glow-acf", "toy-resflow")

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from acf_deploy.cli import app
-from acf_deploy.data import digits_split
+from acf_deploy.data import digits_split, to_model_space
 from acf_deploy.experiment import (
     BUDGETS,
     CLAIMS,
@@ -32,7 +32,7 @@ from acf_deploy.experiment import (
     t_interval,
 )
 from acf_deploy.flows.presets import build_flow, preset_config
-from acf_deploy.train import evaluate_bpd, to_model_space
+from acf_deploy.train import evaluate_bpd
 
 runner = CliRunner()
 

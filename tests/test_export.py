@@ -21,8 +21,8 @@ from acf_deploy.artifact import open_artifact
 from acf_deploy.cli import app
 from acf_deploy.errors import BadInput, CheckFailed
 from acf_deploy.exporters import export as export_module
-from acf_deploy.exporters.export import ExportOptions, export_artifact
 from acf_deploy.exporters.trt_lint import lint_artifact, require_clean
+from acf_deploy.pipeline import ExportOptions, export_artifact
 from acf_deploy.runtime import open_backend
 from acf_deploy.runtime.parity import LIMITS, compare_backends
 
@@ -237,7 +237,7 @@ def test_bad_export_options_are_bad_input(exports, tmp_path: Path, option: str, 
 
 def test_verify_export_rejects_a_graph_with_wrong_inputs(exports, tmp_path: Path):
     """verify_export's IO check: a density graph whose input was renamed does not count as an export."""
-    from acf_deploy.exporters.export import verify_export
+    from acf_deploy.runtime.verify import verify_export
 
     from .export_fixtures import copy_artifact, rehash
 

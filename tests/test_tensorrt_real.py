@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from acf_deploy.artifact import open_artifact
-from acf_deploy.exporters.tensorrt import build_engines, trt_builder_available
+from acf_deploy.exporters.tensorrt import build_engines
 from acf_deploy.exporters.trt_lint import errors, lint_artifact
 from acf_deploy.runtime.trt_backend import TrtBackend
+from acf_deploy.trt_util import trt_builder_available
 
 from .fake_tensorrt import DATA_SHAPE, DIM, PROBES, toy_density_reference, toy_sample_reference, write_artifact
 

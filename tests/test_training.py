@@ -64,8 +64,8 @@ def test_diagonal_gaussian_baseline_is_the_flow_pipeline(digits):
 
     # refit the same maximum-likelihood Gaussian by hand and wrap it as a Flow
     gen = torch.Generator().manual_seed(0)
+    from acf_deploy.data import to_model_space
     from acf_deploy.flows.layers import LogitTransform
-    from acf_deploy.train import to_model_space
 
     y = LogitTransform(0.05)(to_model_space(train_data, config, gen).double())[0]
     mean, std = y.mean(0), y.var(0, unbiased=False).sqrt()

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..data import DIGITS_LEVELS, digits_split_labelled
+from ..data import DIGITS_LEVELS, digits_split_labelled, to_model_space
 from ..errors import BadInput
 from ..fileio import write_json
 from ..flows.flow import Flow
 from ..flows.presets import build_flow, preset_config
 from ..report import block_report
-from ..train import STATE_META, evaluate_bpd, to_model_space, train
+from ..train import STATE_META, evaluate_bpd, train
 from .budgets import CONFIDENCE, EVAL_SEED, NOISE_SEED, SAMPLE_SEED, SIGMAS, Budget
 
 

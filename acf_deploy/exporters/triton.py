@@ -50,6 +50,7 @@ from .. import __version__
 from ..artifact import Artifact, open_artifact
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_path, check_output_dir, clean_stale, current_umask, sha256_file, write_json
+from ..onnx_util import walk_graphs
 
 __all__ = [
     "BACKENDS",
@@ -264,14 +265,7 @@ def per_row_temperature(model: onnx.ModelProto, batch_axis: str) -> onnx.ModelPr
         if value.name not in PER_ROW_INPUTS:
             continue
         users = [n for n in model.graph.node if value.name in n.input]
-        sub_users = [
-            n.op_type
-            for node in model.graph.node
-            for attr in node.attribute
-            if attr.type == onnx.AttributeProto.GRAPH
-            for n in attr.g.node
-            if value.name in n.input
-        ]
+        sub_users = [n.op_type for g in list(walk_graphs(model.graph))[1:] for n in g.node if value.name in n.input]
         if sub_users or not users or any(n.op_type != "Mul" or "z" not in n.input for n in users):
             raise BadInput(f"sample.onnx uses {value.name} other than as Mul(z, {value.name}); cannot serve it per row")
         dims = value.type.tensor_type.shape.dim

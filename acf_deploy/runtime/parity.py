@@ -249,8 +249,7 @@ def data_batch(artifact: Artifact, n: int, seed: int) -> np.ndarray:
     held-out levels the export stored in ``golden.npz`` when it had no dataset (an imported model's samples)."""
     import torch
 
-    from ..data import training_data
-    from ..train import to_model_space
+    from ..data import to_model_space, training_data
 
     config = artifact.manifest["config"]
     if artifact.manifest.get("heldout", {}).get("source") in ("model samples", "file"):
