@@ -420,16 +420,11 @@ THREADS = typer.Option(
 )
 
 
-def _ray_options(engine: str, address: str | None, workers: int):
-    """Engine options for the library; retries are reported as they happen."""
+def _ray_options(address: str | None, workers: int):
+    """The Ray options the job uses with ``--engine ray`` (and refuses without it); retries are reported as
+    they happen."""
     from .runtime.distributed import RayOptions
 
-    if engine != "ray":
-        if address is not None or workers != RayOptions.workers:
-            from .errors import BadInput
-
-            raise BadInput("--address and --workers need --engine ray")
-        return None
     return RayOptions(workers=workers, address=address, on_event=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
 
 
@@ -449,18 +444,24 @@ def sample(
     threads: int | None = THREADS,
 ) -> None:
     """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
-    from .runtime.distributed import sample_job
-    from .runtime.jobs import check_sample_request
+    from .runtime.jobs import sample_job
 
-    options = _ray_options(engine, address, workers)
     artifact = _open(artifact_dir)
-    check_sample_request(artifact, n, out_file, temperature)
     with progress() as bar:
         task = bar.add_task(f"sample ({engine})", total=n, info="")
         stats = sample_job(
-            artifact, n, out_file, backend, temperature, seed, batch, engine, threads, options,
-            lambda k: bar.advance(task, k),
-        )  # fmt: skip
+            artifact,
+            n,
+            out_file,
+            backend=backend,
+            temperature=temperature,
+            seed=seed,
+            batch=batch,
+            engine=engine,
+            threads=threads,
+            options=_ray_options(address, workers),
+            on_progress=lambda k: bar.advance(task, k),
+        )
     retries = f", {stats['retries']} shard retries" if stats.get("retries") else ""
     out.print(f"wrote {n} samples to {out_file} (largest fixed-point residual {stats['residual_max']:.2e}{retries})")
 
@@ -481,18 +482,23 @@ def score(
     threads: int | None = THREADS,
 ) -> None:
     """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
-    from .runtime.distributed import score_job
-    from .runtime.jobs import check_npy_target, load_score_data
+    from .runtime.jobs import load_score_data, score_job
 
-    options = _ray_options(engine, address, workers)
-    if out_file is not None:
-        check_npy_target(out_file)
     artifact = _open(artifact_dir)
     array = load_score_data(artifact, data)
     with progress() as bar:
         task = bar.add_task(f"score ({engine})", total=len(array), info="")
         log_lik, bpd, report = score_job(
-            artifact, array, backend, seed, batch, engine, threads, options, out_file, lambda k: bar.advance(task, k)
+            artifact,
+            array,
+            backend=backend,
+            seed=seed,
+            batch=batch,
+            engine=engine,
+            threads=threads,
+            options=_ray_options(address, workers),
+            target=out_file,
+            on_progress=lambda k: bar.advance(task, k),
         )
     payload = {"n": len(array), "bits_per_dim": bpd, "mean_log_likelihood_nats": float(log_lik.mean())}
     if engine == "ray":

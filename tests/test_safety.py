@@ -432,7 +432,7 @@ def test_a_bug_is_one_line_and_its_traceback_only_under_debug(toy: Path, tmp_pat
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("acf_deploy.runtime.distributed.sample_job", broken)
+    monkeypatch.setattr("acf_deploy.runtime.jobs.sample_job", broken)
     args = ["sample", toy, "--n", 4, "--out", tmp_path / "x.npy"]
     assert_one_error_line(invoke(*args), 4, "internal error, a bug in acf-deploy (ZeroDivisionError")
     debug = invoke("--debug", *args)
