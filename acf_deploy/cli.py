@@ -390,7 +390,7 @@ def render_check(result) -> None:
             _ok_cell(o.passed, result.precision),
         )
     out.print(table)
-    metrics = Table(title=f"metrics (DESIGN 5 limits, {result.precision})")
+    metrics = Table(title=f"metrics ({result.precision} limits of docs/guarantees.md §5)")
     for column in ("metric", "value", "limit"):
         metrics.add_column(column)
     for key, value in result.metrics.items():

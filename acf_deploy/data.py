@@ -1,4 +1,4 @@
-"""Datasets available offline (DESIGN 6): scikit-learn digits, toy 2D densities, local image files.
+"""Datasets available offline: scikit-learn digits, toy 2D densities, local image files.
 
 Image datasets are returned as integer levels ``(N, C, H, W)`` in ``{0..K-1}`` (``uint8`` or
 ``int64``); dequantisation happens in the likelihood pipeline. Toy data are float points in R^2.
@@ -283,7 +283,7 @@ def to_model_space(
 ) -> torch.Tensor:
     """Levels to dequantised ``[0, 1]`` data for images; float points unchanged for the toy.
 
-    The one entry into the model's data space (DESIGN 1.4) for training, export, checks and reports;
+    The one entry into the model's data space (docs/guarantees.md §1) for training, export, checks and reports;
     PyTorch is imported here, so the data readers above stay usable without it.
     """
     import torch

@@ -1,4 +1,4 @@
-"""Training: unbiased roulette log-det for images, exact log-det for the toy (DESIGN 5).
+"""Training: unbiased roulette log-det for images, exact log-det for the toy (docs/guarantees.md §4).
 
 The progress bar shows the loss and an unbiased bits/dim estimate (the roulette value, never
 the Neumann gradient surrogate). EMA weights are what gets checkpointed, evaluated and shipped.

@@ -1,4 +1,4 @@
-"""Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/`` (issue 5).
+"""Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/``.
 
 One command, self-contained (no data download, no GPU), about 5-8 minutes on a quiet 2-core CPU::
 
@@ -50,7 +50,7 @@ from acf_deploy.runtime.bench import (  # noqa: E402
 )
 from acf_deploy.runtime.ort_backend import OrtBackend, available_cores  # noqa: E402
 
-LIMIT_ROUNDTRIP_FP32 = 1e-4  # DESIGN 5, data space
+LIMIT_ROUNDTRIP_FP32 = 1e-4  # docs/guarantees.md §5, data space
 
 
 def log(message: str) -> None:
@@ -493,7 +493,7 @@ def markdown(results: dict, files: list[str]) -> str:
         f"{digits['bench']['resflow']['search']['slack']}x of the exported sampler's "
         f"({digits['bench']['resflow']['search']['ours_roundtrip']:.2e}).",
         "",
-        "## Targets (issue 5)",
+        "## Targets",
         "",
         table(
             ["target", "measured", "goal", "met"],

@@ -47,7 +47,7 @@ def _const(name: str, value: Any, dtype: Any = np.float32) -> TensorProto:
 
 
 def _tanh(src: list[str], dst: str, precision: str) -> list[onnx.NodeProto]:
-    """tanh in the export precision between fp32 tensors: the explicitly cast graph of DESIGN 5."""
+    """tanh in the export precision between fp32 tensors: the explicitly cast graph of docs/guarantees.md §5."""
     if precision == "fp32":
         return [helper.make_node("Tanh", src, [dst], name=f"tanh_{dst}")]
     low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
@@ -197,7 +197,7 @@ def write_artifact(
     precision: str = "fp32",
     external_data: bool = False,
 ) -> Path:
-    """Write an artifact directory with a manifest hashing every file (DESIGN 3)."""
+    """Write an artifact directory with a manifest hashing every file."""
     root.mkdir(parents=True, exist_ok=True)
     graphs = {
         "sample": sample or toy_sample_graph(precision),

@@ -1,4 +1,4 @@
-"""The Ray engine (issue 7): bit-identical to the single-process jobs, retried shards, bounded memory.
+"""The Ray engine: bit-identical to the single-process jobs, retried shards, bounded memory.
 
 One local Ray instance (2 CPUs, no dashboard) serves the whole module; every backend uses one ONNX
 Runtime intra-op thread, in the workers and in the single-process reference alike.

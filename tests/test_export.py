@@ -1,4 +1,4 @@
-"""Export: ONNX Runtime matches PyTorch for every preset and mode (DESIGN 5), graphs are clean
+"""Export: ONNX Runtime matches PyTorch for every preset and mode (docs/guarantees.md §5), graphs are clean
 (no Det, no random ops, no float64, TensorRT-lint clean, constant-trip Loops), the manifest is
 complete and hashes every file, and a failed export leaves nothing behind.
 
@@ -46,7 +46,7 @@ def test_onnx_runtime_matches_pytorch(exports, preset: str, logdet: str, inverse
     artifact, result = _parity(exports.artifact(preset, logdet, inverse))
     m = result.metrics
     assert result.passed, result.summary()
-    # DESIGN 5, fp32: the binding bits/dim limit, sample and log p in data space, round trips
+    # docs/guarantees.md §5, fp32: the binding bits/dim limit, sample and log p in data space, round trips
     assert m["bits_per_dim_delta"] <= 1e-5
     assert m["sample_max_abs"] <= 1e-4
     assert m["log_prob_max_abs"] <= 1e-3

@@ -1,4 +1,4 @@
-"""The flow family outside attention internals (issue 2, DESIGN 1, 2, 5).
+"""The flow family outside attention internals (docs/guarantees.md §1 to §5).
 
 * hand-written JVPs == ``torch.func.jvp`` (float64, rtol 1e-10) for every layer and every preset's
   residual branch, on random, baked and briefly trained weights;
@@ -541,7 +541,7 @@ def iteration_counts(flow: Flow, tol: float) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_round_trip(name: str, dtype: torch.dtype):
-    """inverse(forward(x)) in data space and forward(inverse(z)) in z space, DESIGN 5 tolerances."""
+    """inverse(forward(x)) in data space and forward(inverse(z)) in z space, docs/guarantees.md §5 tolerances."""
     tol = 1e-5 if dtype == torch.float64 else 1e-4
     flow, config = small_flow(name, dtype=torch.float64, stress=True)
     flow = bake_(flow.to(dtype), config)

@@ -1,4 +1,4 @@
-"""fp16 / bf16 exports (DESIGN 5): explicitly cast graphs with fp32 islands, verified honestly.
+"""fp16 / bf16 exports (docs/guarantees.md §5): explicitly cast graphs with fp32 islands, verified honestly.
 
 ONNX Runtime's CPU provider runs fp16 graphs in fp32 arithmetic and has no bf16 kernels, so fp16
 numerics are judged on a per-op rounding emulation of the exported graph, and bf16 is reported

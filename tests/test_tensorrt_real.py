@@ -1,4 +1,4 @@
-"""Real TensorRT engines for the toy artifact, against its numpy reference (DESIGN 5 tolerances).
+"""Real TensorRT engines for the toy artifact, against its numpy reference (docs/guarantees.md §5 tolerances).
 
 Runs only where a TensorRT builder can really be created (GPU + TensorRT libraries); elsewhere every
 test is skipped with the reason :func:`trt_builder_available` gives.

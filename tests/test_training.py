@@ -1,4 +1,4 @@
-"""Training (DESIGN 5): short runs beat a diagonal Gaussian, big presets take a step, resume is exact.
+"""Training (docs/guarantees.md §4): short runs beat a diagonal Gaussian, big presets take a step, resume is exact.
 
 Every run goes through :func:`acf_deploy.train.train` (roulette log-det, Neumann gradient, Adam, warm-up,
 EMA, per-epoch atomic checkpoints), only shrunk by config overrides.

@@ -1,4 +1,4 @@
-"""Every TensorRT name our code uses exists in NVIDIA's real API, 10.x and 11.x (issue 4).
+"""Every TensorRT name our code uses exists in NVIDIA's real API, 10.x and 11.x.
 
 The fake in ``fake_tensorrt.py`` could share its author's mistakes, so this test reads our three
 TensorRT modules with ``ast``, infers which expressions are TensorRT objects (the lazily imported

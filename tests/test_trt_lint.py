@@ -1,4 +1,4 @@
-"""The TensorRT lint names the offending node for every construct DESIGN 2 and TensorRT forbid."""
+"""The TensorRT lint names the offending node for every construct docs/guarantees.md §6 and TensorRT forbid."""
 
 from __future__ import annotations
 

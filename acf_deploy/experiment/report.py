@@ -49,7 +49,7 @@ def protocol_text(budget: Budget, seeds: list[int]) -> str:
         f"Comparisons (variant vs host, paired by seed): {comparisons}.",
         "",
         "**Metrics** (all held-out scores use the exact log-det, the uniform dequantisation noise of seed "
-        f"{EVAL_SEED}, identical for every run, and DESIGN 1.4's bits/dim of the 17-level data; a uniform model scores "
+        f"{EVAL_SEED}, identical for every run, and the bits/dim of docs/guarantees.md §1 for the 17-level data; a uniform model scores "
         f"{UNIFORM_BPD:.3f}):",
         "",
         f"1. *Held-out bits/dim*: {test_images} test images, the final EMA weights after `bake()` (exact spectral "

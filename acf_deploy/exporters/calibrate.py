@@ -1,4 +1,4 @@
-r"""Fixed-point iteration counts per residual block, both ways (DESIGN 2).
+r"""Fixed-point iteration counts per residual block, both ways (docs/guarantees.md §3).
 
 * *certified*: the smallest ``n`` with ``L^n / (1 - L) * r0 <= tol`` where ``r0 <= ||g(0)|| + L R``
   and ``R`` bounds ``||y||`` over the inputs the block can receive when sampling: a chi quantile

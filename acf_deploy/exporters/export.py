@@ -1,4 +1,4 @@
-"""``export``: a checkpoint becomes a verified artifact directory (DESIGN 3).
+"""``export``: a checkpoint becomes a verified artifact directory (docs/guarantees.md §5, §6).
 
 Everything is written into a temporary directory that replaces the target only after the
 graphs loaded in ONNX Runtime, have the declared inputs and outputs, and matched PyTorch on the
@@ -440,7 +440,7 @@ FP32_ISLANDS = (
 
 
 def _precision_detail(precision: str, sample: onnx.ModelProto, density: onnx.ModelProto) -> dict[str, Any]:
-    """Which tensors are half, for the manifest (DESIGN 5: never silently fp32)."""
+    """Which tensors are half, for the manifest (docs/guarantees.md §5: never silently fp32)."""
     graphs = {"sample": sample, "density": density}
     detail: dict[str, Any] = {
         "io_dtype": "float32",

@@ -1,4 +1,4 @@
-"""The ONNX graphs of the two computations of ``acf_deploy/computations.py`` (DESIGN 2, 3).
+"""The ONNX graphs of the two computations of ``acf_deploy/computations.py`` (docs/guarantees.md §3, §6).
 
 ``DensityGraph`` and ``SampleGraph`` are what gets traced; the torch reference backend runs the
 very same modules eagerly, so reference and export share one code path. The sampling graph

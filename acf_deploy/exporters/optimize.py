@@ -1,4 +1,4 @@
-"""ONNX graph clean-up after tracing: graphs that do no work twice (DESIGN 2, issue 5).
+"""ONNX graph clean-up after tracing: graphs that do no work twice (docs/guarantees.md §6).
 
 The TorchScript tracer records every ``tensor.shape`` read as ``Shape -> Gather -> Unsqueeze ->
 Concat -> Reshape`` chains, because the batch axis is dynamic. Inside a fixed-point ``Loop`` body

@@ -1,4 +1,4 @@
-"""Compile an artifact's ONNX graphs to TensorRT engines (DESIGN 3, issue 4).
+"""Compile an artifact's ONNX graphs to TensorRT engines.
 
 One precision path for TensorRT 10 and 11: the network is created strongly typed, so every tensor's
 type comes from the exported graph. TensorRT 11 removed the weak-typing flags (``BuilderFlag.FP16``
@@ -6,7 +6,7 @@ and friends) and ignores ``STRONGLY_TYPED``; 10.x needs the flag to opt in. fp16
 therefore need an artifact exported at that precision, and a build that would silently be fp32 fails.
 
 Engines are cached under ``engines/<key>/`` where the key hashes everything that makes a plan valid
-(DESIGN 3); a matching engine is reused, and the timing cache is shared across builds.
+(graph, profile, precision, TensorRT version, GPU, CUDA); a matching engine is reused, and the timing cache is shared across builds.
 TensorRT is imported lazily: where it cannot run, one :class:`BackendUnavailable` line says why.
 """
 

@@ -1,4 +1,4 @@
-"""An artifact as a Triton Inference Server model repository: ``acf-deploy triton`` (issue 7).
+"""An artifact as a Triton Inference Server model repository: ``acf-deploy triton``.
 
 Two models, ``<name>-sample`` and ``<name>-density``, each a ``config.pbtxt`` and numbered version
 folders; a ``README.md`` on starting ``tritonserver`` and querying it; ``acf-triton.json`` recording which
@@ -322,7 +322,7 @@ def trtexec_command(
         "--skipInference",
     ]
     if precision != "fp32":
-        command.append("--stronglyTyped")  # the ONNX carries its precision (DESIGN 5); TensorRT >= 10
+        command.append("--stronglyTyped")  # the ONNX carries its precision; TensorRT >= 10
     return command
 
 

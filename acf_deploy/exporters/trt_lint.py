@@ -1,8 +1,8 @@
-"""CPU-only lint of ONNX graphs against what TensorRT's ONNX parser accepts (issue 4).
+"""CPU-only lint of ONNX graphs against what TensorRT's ONNX parser accepts.
 
 Engines can only be built where a GPU and TensorRT exist, so CI checks every exported graph here
 instead: each node (inside ``Loop``/``If``/``Scan`` bodies too) against the onnx-tensorrt operator
-matrix (``docs/operators.md``, TensorRT 10.15: opset 9 to 24), plus the rules DESIGN 2 sets for our
+matrix (``docs/operators.md``, TensorRT 10.15: opset 9 to 24), plus the rules docs/guarantees.md §6 sets for our
 graphs: no ``Det``, no random ops, ``Loop`` only with a constant trip count and shape-preserving
 loop-carried values, no float64 anywhere.
 """
@@ -70,7 +70,7 @@ UNSUPPORTED_OPS = frozenset(
     """.split()
 )
 
-# TensorRT supports them, but randomness must be a graph input (DESIGN 2), and TensorRT ignores `seed`.
+# TensorRT supports them, but randomness must be a graph input (docs/guarantees.md §6), and TensorRT ignores `seed`.
 RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
@@ -230,9 +230,9 @@ class _Linter:
             report(_ERROR, f"custom-domain op '{node.domain}.{op}' needs a TensorRT plugin")
             return
         if op == "Det":
-            report(_ERROR, "TensorRT has no Det; export the log-determinant with the unrolled LU (DESIGN 2)")
+            report(_ERROR, "TensorRT has no Det; export the log-determinant with the unrolled LU")
         elif op in RANDOM_OPS:
-            report(_ERROR, "random op in an exported graph; randomness must be a graph input (DESIGN 2)")
+            report(_ERROR, "random op in an exported graph; randomness must be a graph input")
         elif op in UNSUPPORTED_OPS:
             report(_ERROR, "not supported by TensorRT's ONNX parser")
         elif op not in SUPPORTED_OPS:
@@ -330,7 +330,7 @@ class _Linter:
 
     def _check_if(self, node: NodeProto, attrs: dict, scope: _Scope, report) -> None:
         if not scope.is_const(node.input[0]):
-            report(_WARNING, "condition is computed at run time: data-dependent control flow (DESIGN 2)")
+            report(_WARNING, "condition is computed at run time: data-dependent control flow")
         then_branch, else_branch = attrs.get("then_branch"), attrs.get("else_branch")
         if then_branch is None or else_branch is None:
             return
@@ -347,7 +347,7 @@ class _Linter:
         trip = node.input[0] if node.input else ""
         cond = node.input[1] if len(node.input) > 1 else ""
         if not trip:
-            report(_ERROR, "condition-only Loop (no trip count): data-dependent iteration (DESIGN 2)")
+            report(_ERROR, "condition-only Loop (no trip count): data-dependent iteration")
         elif not scope.is_const(trip):
             report(_ERROR, f"trip count '{trip}' is computed at run time; make it an initializer or Constant")
         if cond:
@@ -361,7 +361,7 @@ class _Linter:
 
         body = loop_body(node)
         if len(body.input) >= 2 and body.output and not _passes_condition(body):
-            report(_ERROR, "loop body computes its own exit condition: data-dependent early exit (DESIGN 2)")
+            report(_ERROR, "loop body computes its own exit condition: data-dependent early exit")
 
         carried = list(node.input[2:])
         initial_types = [scope.type_of(name) for name in carried]

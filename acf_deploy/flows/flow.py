@@ -1,4 +1,4 @@
-r"""The flow: data space ``[0, 1]^D`` (or ``R^2``) to a standard normal latent (DESIGN 1.4).
+r"""The flow: data space ``[0, 1]^D`` (or ``R^2``) to a standard normal latent (docs/guarantees.md §1).
 
 ``log p(x) = log N(z; 0, I) + sum_layers log|det|`` including the logit preprocessing term; the
 data-space density is on ``[0, 1]^D`` and bits/dim refer to the discrete levels.

@@ -1,4 +1,4 @@
-"""One interface for every runtime (Polygraphy's loader/runner split, DESIGN 3).
+"""One interface for every runtime (Polygraphy's loader/runner split).
 
 A backend opens an artifact directory and runs its two graphs on numpy arrays:
 

@@ -1,4 +1,4 @@
-r"""Side-by-side benchmarks of the exported graphs against eager PyTorch (issue 5).
+r"""Side-by-side benchmarks of the exported graphs against eager PyTorch.
 
 Every (graph, batch) cell feeds the *same* seeded inputs to every backend and times them
 round-robin (one call of each backend per round), so that load from other processes hits all
@@ -326,7 +326,7 @@ def resflow_tolerance(
     """The loosest tolerance (half-decade grid) whose data-space round trip is at most ``slack`` times
     the exported sampler's (the one with ``counts``).
 
-    The round trip is DESIGN 5's, taken on what the sampler produces rather than on a dataset (so no
+    The round trip is the one ``check`` judges (docs/guarantees.md §5), taken on what the sampler produces rather than on a dataset (so no
     data is needed): reference samples ``x = f^-1(z)`` from a long fixed-point schedule, then
     ``max |f^-1(f(x)) - x|`` with each inverse. A latent-space round trip would not do: on digits it is
     dominated by the logit preprocessing (about 1e-4 relative) and hardly sees the inverse's accuracy.

@@ -197,7 +197,7 @@ def bits_per_dim(artifact: Artifact, log_lik: np.ndarray) -> float:
     return float(-log_lik.mean() / (artifact.dim * math.log(2)))
 
 
-# Randomness, per batch (DESIGN 1.4, 2). Every random draw of a job comes from the generator of the
+# Randomness, per batch (docs/guarantees.md §1). Every random draw of a job comes from the generator of the
 # batch it belongs to, derived from (seed, stream, batch index) alone: batch ``i`` covers rows
 # ``[i * batch, (i + 1) * batch)`` and gets the same dequantisation noise, probes or latents whichever
 # process computes it and whatever ran before. A distributed job whose shards are runs of whole

@@ -1,6 +1,6 @@
 """The PyTorch reference backend: the very modules that were traced, run eagerly in fp32.
 
-It is also the eager baseline of ``acf-deploy bench`` (issue 5), so it runs in its fastest honest
+It is also the eager baseline of ``acf-deploy bench``, so it runs in its fastest honest
 form: the same baked module with the same folded constants, built once, in eval mode under
 ``torch.inference_mode``, with the manifest's iteration counts and an explicit thread count.
 """

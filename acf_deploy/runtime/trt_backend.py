@@ -1,4 +1,4 @@
-"""The ``trt`` backend: engines from ``acf-deploy build`` run on torch CUDA tensors (issue 4).
+"""The ``trt`` backend: engines from ``acf-deploy build`` run on torch CUDA tensors.
 
 Engines contain executable code, so only a plan whose sha256 matches the manifest is deserialized.
 Buffers are torch CUDA tensors bound by address (no pycuda); ``execute_async_v3`` runs on a torch
