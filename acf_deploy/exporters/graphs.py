@@ -144,7 +144,14 @@ def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Te
     if mode == "series":
         args = (example, torch.ones(example.shape[0], n_probes, flow.dim, dtype=example.dtype))
     model = _export(module, args, inputs, outputs, _axes(*inputs, *outputs), opset, lu_marker=mode == "exact")
-    kept = [o for o in model.graph.output if not o.name.startswith("trace_")]
+    # every output is per sample; z is [batch, D], where the tracer would name D ``Flattenz_dim_1``
+    kept = [
+        helper.make_tensor_value_info(
+            o.name, o.type.tensor_type.elem_type, [BATCH, flow.dim] if o.name == "z" else [BATCH]
+        )
+        for o in model.graph.output
+        if not o.name.startswith("trace_")
+    ]
     del model.graph.output[:]
     model.graph.output.extend(kept)
     if mode == "series" and "probes" not in {i.name for i in model.graph.input}:
