@@ -24,6 +24,7 @@ from .export_fixtures import all_graphs
 runner = CliRunner()
 
 
+@pytest.mark.slow  # the whole bench: matmul peak, every backend and cell timed
 def test_bench_cli_json_has_every_cell(exports):
     root = exports.artifact("digits-acf-l2")
     args = ["bench", str(root), "--backends", "ort,resflow", "--batch", "1,3", "--what", "sample,density"]

@@ -67,6 +67,7 @@ def test_batch_randomness_depends_only_on_seed_and_batch(digits, local_scores):
         batch_rng(-1, "score", 0)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_score_equals_single_process_bit_for_bit(cluster, digits, local_scores):
     data = digits_split()[1]
     seen: list[int] = []
@@ -79,6 +80,7 @@ def test_ray_score_equals_single_process_bit_for_bit(cluster, digits, local_scor
     assert sum(seen) == len(data)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, digits, local_scores, tmp_path):
     data = digits_split()[1]
     marker = tmp_path / "died-on-shard-2"
@@ -95,6 +97,7 @@ def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, dig
     assert sum(seen) == len(data)  # every shard counted once
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_sample_equals_single_process(cluster, digits, tmp_path):
     with open_backend("ort", digits, threads=1) as runner:
         local = sample_to_file(runner, digits, 150, tmp_path / "local.npy", 0.9, seed=5, batch=BATCH)
@@ -105,6 +108,7 @@ def test_ray_sample_equals_single_process(cluster, digits, tmp_path):
     assert stats["residual_max"] == local["residual_max"] and stats["nonfinite"] == local["nonfinite"] == 0
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_cli_score_engine_ray_matches_local(cluster, digits, tmp_path):
     runner = CliRunner()
     common = [str(digits.root), "digits-test", "--threads", "1", "--batch", str(BATCH), "--json"]
@@ -144,6 +148,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_peak_memory_is_bounded_by_the_shard_not_the_rows(cluster, exports, tmp_path):
     """Scoring 100,000 rows peaks less than 20% above scoring 10,000 (toy model, 2,048-row shards),
     for the driver (peak RSS of a fresh subprocess, a high-water mark, so read after each size) and

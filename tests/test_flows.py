@@ -45,6 +45,8 @@ from acf_deploy.flows.lipschitz import LipSwish, SNConv2d, SNLinear
 from acf_deploy.flows.presets import PRESETS, build_flow, preset_config
 from acf_deploy.train import training_spec
 
+from .export_fixtures import small_config
+
 ALL_PRESETS = list(PRESETS)
 RESIDUAL_PRESETS = [name for name in ALL_PRESETS if name != "digits-glow"]  # every preset with a residual step
 DIGITS_PRESETS = [name for name in ALL_PRESETS if name.startswith("digits")]
@@ -52,14 +54,6 @@ JVP_RTOL = 1e-10
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def small_config(name: str) -> dict:
-    """The preset shrunk for tests: same host, scales layout, attention and preprocessing."""
-    if name == "toy-resflow":
-        return preset_config(name, blocks=2, hidden=8)
-    scales = [1, 1, 1] if name.startswith("cifar") else [1, 1]
-    return preset_config(name, hidden=8, scales=scales)
-
-
 def data_batch(config: dict, n: int, seed: int = 0) -> torch.Tensor:
     """Real data in the model's data space: dequantised digits, moons, or uniform levels otherwise."""
     gen = torch.Generator().manual_seed(seed)

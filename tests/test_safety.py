@@ -41,7 +41,7 @@ from acf_deploy.report import verification_failures
 from acf_deploy.runtime.jobs import load_score_data, score
 
 from .export_fixtures import copy_artifact, small_config
-from .fake_tensorrt import write_artifact
+from .toy_artifact import write_artifact
 
 runner = CliRunner()
 

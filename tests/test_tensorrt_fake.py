@@ -26,11 +26,11 @@ from acf_deploy.manifest import write_manifest
 from acf_deploy.runtime import trt_backend
 from acf_deploy.runtime.trt_backend import TrtBackend
 
-from .fake_tensorrt import (
+from .fake_tensorrt import make_fake_tensorrt
+from .toy_artifact import (
     DATA_SHAPE,
     DIM,
     PROBES,
-    make_fake_tensorrt,
     toy_density_reference,
     toy_sample_graph,
     toy_sample_reference,

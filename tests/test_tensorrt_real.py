@@ -15,7 +15,7 @@ from acf_deploy.exporters.trt_lint import errors, lint_artifact
 from acf_deploy.runtime.trt_backend import TrtBackend
 from acf_deploy.trt_util import trt_builder_available
 
-from .fake_tensorrt import DATA_SHAPE, DIM, PROBES, toy_density_reference, toy_sample_reference, write_artifact
+from .toy_artifact import DATA_SHAPE, DIM, PROBES, toy_density_reference, toy_sample_reference, write_artifact
 
 AVAILABLE, REASON = trt_builder_available()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(not AVAILABLE, reason=f"no TensorRT builder: {REASON}")]

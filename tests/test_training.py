@@ -76,7 +76,9 @@ def test_diagonal_gaussian_baseline_is_the_flow_pipeline(digits):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("name", list(SHORT_RUNS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "acf" in n else n for n in SHORT_RUNS]
+)  # the attention presets train for about 20 s each
 def test_short_training_beats_diagonal_gaussian(name: str, digits, tmp_path: Path):
     train_data, test_data = digits
     config = preset_config(name, **SHORT_RUNS[name])

@@ -18,7 +18,7 @@ from acf_deploy.exporters.trt_lint import (
     require_clean,
 )
 
-from .fake_tensorrt import toy_density_graph, toy_sample_graph, write_artifact
+from .toy_artifact import toy_density_graph, toy_sample_graph, write_artifact
 
 F = TensorProto.FLOAT
 
