@@ -23,7 +23,9 @@ from .statistics import t_interval
 
 
 def protocol_text(budget: Budget, seeds: list[int]) -> str:
-    """The pre-registered protocol: a pure function of the budget and the seeds (no result enters it)."""
+    """The pre-registered protocol: a pure function of the budget and the seeds (no result enters it).
+
+    Long because it is one document, written line by line in reading order."""
     b = budget
     train_images = "all 1,438" if b.train_size is None else f"the first {b.train_size}"
     test_images = "all 359" if b.test_size is None else f"the first {b.test_size}"
@@ -128,6 +130,15 @@ def _why(analysis: dict[str, Any], claim: str) -> str:
     return "; ".join(parts) if parts else "no comparison ran"
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The lines of a markdown table: the header, its ``|---|`` rule, one line per row."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
 def render_report(
     analysis: dict[str, Any],
     results: list[dict],
@@ -136,20 +147,16 @@ def render_report(
     header: dict[str, Any],
     reference: dict[str, Any],
 ) -> str:
-    """REPORT.md: provenance, the protocol verbatim, verdicts, then every table and figure."""
+    """REPORT.md: provenance, the protocol verbatim, verdicts, then every table and figure.
+
+    Long because it is the document's outline in reading order; each table is built by its own helper."""
     summary = analysis["summary"]
-    commits = sorted({(r["git"]["commit"], r["git"]["dirty"]) for r in results})
-    commit_list = ", ".join(f"`{c[:12]}`{' (with uncommitted changes)' if d else ''}" for c, d in commits) or "-"
     lines = [
         f"# Do the ACF paper's claims hold on digits? (budget `{budget.name}`)",
         "",
         "Every number in this file was produced by the command below; nothing was edited by hand.",
         "",
-        f"- Command: `{header['command']}`",
-        f"- Commit at report time: `{header['git']['commit']}`{' (with uncommitted changes)' if header['git']['dirty'] else ''}; runs trained at: {commit_list}",
-        f"- Protocol written to `PROTOCOL.md` at {header['protocol_written']} (before the first run; a resumed experiment must match it)",
-        f"- Report written at {header['finished']}; torch {torch.__version__}, {header['threads']} torch thread(s), {header['cpus']} CPU(s), {platform.machine()}",
-        f"- Runs: {len(results)} of {len(PRESETS) * len(header['seeds'])} ({len(header['skipped'])} reused from an earlier invocation)",
+        *_provenance(results, header),
         "",
         "## 1. Pre-registered protocol",
         "",
@@ -159,12 +166,13 @@ def render_report(
         "",
         "Differences are variant - host, mean [95% t interval] over paired seeds.",
         "",
-        "| # | claim (from the paper's abstract) | verdict | why |",
-        "|---|---|---|---|",
-    ]
-    for i, (key, text) in enumerate(CLAIMS, 1):
-        lines.append(f"| {i} | {text} | **{analysis['verdicts'][key]}** | {_why(analysis, key)} |")
-    lines += [
+        *markdown_table(
+            ["#", "claim (from the paper's abstract)", "verdict", "why"],
+            [
+                [i, text, f"**{analysis['verdicts'][key]}**", _why(analysis, key)]
+                for i, (key, text) in enumerate(CLAIMS, 1)
+            ],
+        ),
         "",
         "## 3. Results",
         "",
@@ -174,15 +182,7 @@ def render_report(
         + ", ".join(f"`{h}` {t:.4f}" for h, t in analysis["thresholds"].items())
         + ".",
         "",
-        "| preset | runs | held-out bits/dim | epochs to reach | seconds to reach | reached | parameters | s / epoch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for preset, s in summary.items():
-        lines.append(
-            f"| `{preset}` | {s['runs']} | {_ci(s['heldout_bpd'])} | {_ci(s['epochs_to_reach'], 2)} | "
-            f"{_ci(s['seconds_to_reach'], 1)} | {s['reached']}/{s['runs']} | {s['parameters']:,} | {_ci(s['seconds_per_epoch'], 2)} |"
-        )
-    lines += [
+        *_cost_table(summary),
         "",
         "![bits/dim vs epoch](bpd_vs_epoch.png)",
         "",
@@ -190,75 +190,26 @@ def render_report(
         "",
         "### 3.2 AWGN robustness",
         "",
-        "| preset | clean | " + " | ".join(f"sigma {s:g}: bits/dim | relative" for s in SIGMAS) + " |",
-        "|---|---|" + "---|---|" * len(SIGMAS),
-    ]
-    for preset, s in summary.items():
-        cells = " | ".join(
-            f"{_ci(s['awgn_bpd'][f'{g:g}'], 3)} | {_ci(s['awgn_relative'][f'{g:g}'], 4)}" for g in SIGMAS
-        )
-        lines.append(f"| `{preset}` | {_ci(s['heldout_bpd'], 3)} | {cells} |")
-    lines += ["", "![AWGN](awgn.png)", "", "### 3.3 Sample quality", ""]
-    lines += [
+        *_awgn_table(summary),
+        "",
+        "![AWGN](awgn.png)",
+        "",
+        "### 3.3 Sample quality",
+        "",
         f"Classifier on the real test images: accuracy {reference['accuracy']:.3f}, confident fraction "
         f"{reference['confident_fraction']:.3f}, class entropy {reference['class_entropy_bits']:.3f} bits.",
         "",
-        "| preset | confident fraction | class entropy (bits) | mean top probability | non-finite samples | largest fixed-point residual |",
-        "|---|---|---|---|---|---|",
-    ]
-    for preset, s in summary.items():
-        top = t_interval([r["samples"]["mean_top_probability"] for r in results if r["preset"] == preset])
-        lines.append(
-            f"| `{preset}` | {_ci(s['confident_fraction'], 3)} | {_ci(s['class_entropy_bits'], 3)} | {_ci(top, 3)} | "
-            f"{s['non_finite_samples']} | {s['max_fixed_point_residual']:.2e} |"
-        )
-    lines += ["", "![samples](samples.png)", "", "### 3.4 Paired comparisons", ""]
-    lines += [
-        "| variant vs host | bits/dim | epochs to reach | seconds to reach | confident fraction | class entropy | "
-        + " | ".join(f"AWGN rel. sigma {s:g}" for s in SIGMAS)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(SIGMAS),
-    ]
-    for c in analysis["comparisons"]:
-        o = c["outcome"]
-        awgn = " | ".join(
-            f"{_ci(c['awgn_relative'][f'{s:g}'], 4, True)} ({o['awgn_relative'][f'{s:g}']})" for s in SIGMAS
-        )
-        lines.append(
-            f"| `{c['variant']}` vs `{c['host']}` | {_ci(c['heldout_bpd'], 4, True)} ({o['heldout_bpd']}) | "
-            f"{_ci(c['epochs_to_reach'], 2, True)} ({o['epochs_to_reach']}) | {_ci(c['seconds_to_reach'], 1, True)} ({o['seconds_to_reach']}) | "
-            f"{_ci(c['confident_fraction'], 3, True)} ({o['confident_fraction']}) | {_ci(c['class_entropy_bits'], 3, True)} ({o['class_entropy_bits']}) | {awgn} |"
-        )
-    lines += ["", "### 3.5 Per-block Lipschitz constants, gamma and attention share (mean over seeds)", ""]
-    lines += [
-        "| preset | block | kind | guarantee | certified L | L bound | measured L (max over seeds) | gamma | attention share |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for preset in summary:
-        failed = [r for r in results if r["preset"] == preset and any("error" in b for b in r["blocks"])]
-        for r in failed:
-            lines.append(
-                f"| `{preset}` | seed {r['seed']} | measurement failed: {r['blocks'][0]['error']} | - | - | - | - | - | - |"
-            )
-        runs = [r for r in results if r["preset"] == preset and r not in failed]
-        if not runs:
-            continue
-        if not runs[0]["blocks"]:
-            lines.append(f"| `{preset}` | - | no residual blocks | - | - | - | - | - | - |")
-            continue
-        for i, row in enumerate(runs[0]["blocks"]):
-            rows = [r["blocks"][i] for r in runs]
-
-            def mean(key: str, rows=rows) -> str:
-                values = [r.get(key) for r in rows]
-                return "-" if any(v is None for v in values) else f"{np.mean(values):.4g}"
-
-            measured = max(r["lipschitz_measured"] for r in rows)
-            lines.append(
-                f"| `{preset}` | {row['block']} | {row['kind']} | {row['guarantee']} | {mean('lipschitz_certified')} | "
-                f"{mean('lipschitz_bound')} | {measured:.4g} | {mean('gamma')} | {mean('attention_share')} |"
-            )
-    lines += [
+        *_samples_table(summary, results),
+        "",
+        "![samples](samples.png)",
+        "",
+        "### 3.4 Paired comparisons",
+        "",
+        *_comparisons_table(analysis["comparisons"]),
+        "",
+        "### 3.5 Per-block Lipschitz constants, gamma and attention share (mean over seeds)",
+        "",
+        *_blocks_table(summary, results),
         "",
         "## 4. Per-run data",
         "",
@@ -267,3 +218,119 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _provenance(results: list[dict], header: dict[str, Any]) -> list[str]:
+    commits = sorted({(r["git"]["commit"], r["git"]["dirty"]) for r in results})
+    commit_list = ", ".join(f"`{c[:12]}`{' (with uncommitted changes)' if d else ''}" for c, d in commits) or "-"
+    dirty = " (with uncommitted changes)" if header["git"]["dirty"] else ""
+    return [
+        f"- Command: `{header['command']}`",
+        f"- Commit at report time: `{header['git']['commit']}`{dirty}; runs trained at: {commit_list}",
+        f"- Protocol written to `PROTOCOL.md` at {header['protocol_written']} (before the first run; a resumed experiment must match it)",
+        f"- Report written at {header['finished']}; torch {torch.__version__}, {header['threads']} torch thread(s), {header['cpus']} CPU(s), {platform.machine()}",
+        f"- Runs: {len(results)} of {len(PRESETS) * len(header['seeds'])} ({len(header['skipped'])} reused from an earlier invocation)",
+    ]
+
+
+def _cost_table(summary: dict[str, Any]) -> list[str]:
+    header = ["preset", "runs", "held-out bits/dim", "epochs to reach", "seconds to reach", "reached"]
+    rows = [
+        [
+            f"`{preset}`",
+            s["runs"],
+            _ci(s["heldout_bpd"]),
+            _ci(s["epochs_to_reach"], 2),
+            _ci(s["seconds_to_reach"], 1),
+            f"{s['reached']}/{s['runs']}",
+            f"{s['parameters']:,}",
+            _ci(s["seconds_per_epoch"], 2),
+        ]
+        for preset, s in summary.items()
+    ]
+    return markdown_table([*header, "parameters", "s / epoch"], rows)
+
+
+def _awgn_table(summary: dict[str, Any]) -> list[str]:
+    header = ["preset", "clean", *(f"sigma {s:g}: bits/dim | relative" for s in SIGMAS)]
+    rows = []
+    for preset, s in summary.items():
+        cells = [f"{_ci(s['awgn_bpd'][f'{g:g}'], 3)} | {_ci(s['awgn_relative'][f'{g:g}'], 4)}" for g in SIGMAS]
+        rows.append([f"`{preset}`", _ci(s["heldout_bpd"], 3), *cells])
+    table = markdown_table(header, rows)
+    table[1] = "|---|---|" + "---|---|" * len(SIGMAS)  # two columns per sigma
+    return table
+
+
+def _samples_table(summary: dict[str, Any], results: list[dict]) -> list[str]:
+    header = ["preset", "confident fraction", "class entropy (bits)", "mean top probability"]
+    header += ["non-finite samples", "largest fixed-point residual"]
+    rows = []
+    for preset, s in summary.items():
+        top = t_interval([r["samples"]["mean_top_probability"] for r in results if r["preset"] == preset])
+        rows.append(
+            [
+                f"`{preset}`",
+                _ci(s["confident_fraction"], 3),
+                _ci(s["class_entropy_bits"], 3),
+                _ci(top, 3),
+                s["non_finite_samples"],
+                f"{s['max_fixed_point_residual']:.2e}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def _comparisons_table(comparisons: list[dict[str, Any]]) -> list[str]:
+    header = ["variant vs host", "bits/dim", "epochs to reach", "seconds to reach", "confident fraction"]
+    header += ["class entropy", *(f"AWGN rel. sigma {s:g}" for s in SIGMAS)]
+    rows = []
+    for c in comparisons:
+        o = c["outcome"]
+
+        def cell(key: str, digits: int, c=c, o=o) -> str:
+            return f"{_ci(c[key], digits, True)} ({o[key]})"
+
+        awgn = [f"{_ci(c['awgn_relative'][f'{s:g}'], 4, True)} ({o['awgn_relative'][f'{s:g}']})" for s in SIGMAS]
+        rows.append(
+            [
+                f"`{c['variant']}` vs `{c['host']}`",
+                cell("heldout_bpd", 4),
+                cell("epochs_to_reach", 2),
+                cell("seconds_to_reach", 1),
+                cell("confident_fraction", 3),
+                cell("class_entropy_bits", 3),
+                *awgn,
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def _blocks_table(summary: dict[str, Any], results: list[dict]) -> list[str]:
+    header = ["preset", "block", "kind", "guarantee", "certified L", "L bound", "measured L (max over seeds)"]
+    rows: list[list[Any]] = []
+    for preset in summary:
+        failed = [r for r in results if r["preset"] == preset and any("error" in b for b in r["blocks"])]
+        for r in failed:
+            rows.append(
+                [f"`{preset}`", f"seed {r['seed']}", f"measurement failed: {r['blocks'][0]['error']}"] + ["-"] * 6
+            )
+        runs = [r for r in results if r["preset"] == preset and r not in failed]
+        if not runs:
+            continue
+        if not runs[0]["blocks"]:
+            rows.append([f"`{preset}`", "-", "no residual blocks"] + ["-"] * 6)
+            continue
+        for i, row in enumerate(runs[0]["blocks"]):
+            per_seed = [r["blocks"][i] for r in runs]
+
+            def mean(key: str, per_seed=per_seed) -> str:
+                values = [r.get(key) for r in per_seed]
+                return "-" if any(v is None for v in values) else f"{np.mean(values):.4g}"
+
+            measured = max(r["lipschitz_measured"] for r in per_seed)
+            rows.append(
+                [f"`{preset}`", row["block"], row["kind"], row["guarantee"], mean("lipschitz_certified")]
+                + [mean("lipschitz_bound"), f"{measured:.4g}", mean("gamma"), mean("attention_share")]
+            )
+    return markdown_table([*header, "gamma", "attention share"], rows)
