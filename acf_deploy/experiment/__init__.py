@@ -70,6 +70,73 @@ def command_line(budget: str, out_dir: Path, seeds: int | None, threads: int) ->
     return " ".join(parts)
 
 
+def _check_fairness(budget: Budget) -> None:
+    """The fairness the protocol promises, checked rather than assumed: every preset gets the same budget."""
+    configs = {p: preset_config(p, **budget.overrides()) for p in PRESETS}
+    shared = ("hidden", "scales", "heads", "coeff", "train", "data", "n_levels", "logit_alpha")
+    for key in shared:
+        if len({json.dumps(c[key], sort_keys=True) for c in configs.values()}) != 1:
+            raise AssertionError(f"presets differ in {key!r}: the budget is not identical")
+
+
+def _write_protocol(out_dir: Path, protocol: str, budget: Budget, seed_list: list[int]) -> str:
+    """Write PROTOCOL.md before the first run, or check that a resumed run has the same; returns when it
+    was written."""
+    protocol_path = out_dir / "PROTOCOL.md"
+    if protocol_path.is_file():
+        if protocol_path.read_text() != protocol:
+            raise BadInput(
+                f"{protocol_path} holds a different protocol (another budget or seed count); use a new --out"
+            )
+        return read_json(out_dir / "protocol.json")["written"] if (out_dir / "protocol.json").is_file() else "unknown"
+    written = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    with atomic_path(protocol_path) as tmp:
+        tmp.write_text(protocol)
+    write_json(out_dir / "protocol.json", {"written": written, "budget": asdict(budget), "seeds": seed_list})
+    return written
+
+
+def _plot_all(results: list[dict], analysis: dict[str, Any], out_dir: Path, test_data) -> None:
+    plot_curves(results, analysis, out_dir / "bpd_vs_epoch.png", "epoch")
+    plot_curves(results, analysis, out_dir / "bpd_vs_seconds.png", "seconds")
+    plot_awgn(analysis, out_dir / "awgn.png")
+    plot_samples(results, out_dir, test_data, out_dir / "samples.png")
+
+
+def _run_all(
+    budget: Budget,
+    budget_name: str,
+    seed_list: list[int],
+    out_dir: Path,
+    classifier: Any,
+    test_data: Any,
+    emit: Callable[[str, dict[str, Any]], None],
+) -> tuple[list[dict], list[str]]:
+    """Every (preset, seed), seeds outermost: a stopped experiment has whole seeds of every preset first."""
+    total = len(PRESETS) * len(seed_list)
+    emit("start", {"total": total, "budget": budget_name, "seeds": seed_list, "epochs": budget.epochs})
+    results, skipped = [], []
+    index = 0
+    for seed in seed_list:
+        for preset in PRESETS:
+            index += 1
+            run_dir = out_dir / "runs" / preset / f"seed{seed}"
+            emit("run", {"index": index, "total": total, "preset": preset, "seed": seed, "epochs": budget.epochs})
+
+            def on_epoch(epoch: int, bpd: float, preset=preset, seed=seed) -> None:
+                emit("epoch", {"preset": preset, "seed": seed, "epoch": epoch, "epochs": budget.epochs, "bpd": bpd})
+
+            result = run_one(preset, seed, budget, run_dir, classifier, test_data, on_epoch)
+            if result.pop("skipped", False):
+                skipped.append(f"{preset}/seed{seed}")
+            results.append(result)
+            emit(
+                "run_done",
+                {"index": index, "total": total, "preset": preset, "seed": seed, "heldout_bpd": result["heldout_bpd"]},
+            )
+    return results, skipped
+
+
 def run_experiment(
     budget_name: str = "small",
     out_dir: str | Path = "experiments/paper",
@@ -90,57 +157,16 @@ def run_experiment(
     emit = on_event or (lambda kind, info: None)
     torch.set_num_threads(threads)
 
-    configs = {p: preset_config(p, **budget.overrides()) for p in PRESETS}
-    shared = ("hidden", "scales", "heads", "coeff", "train", "data", "n_levels", "logit_alpha")
-    for key in shared:  # the fairness the protocol promises, checked rather than assumed
-        if len({json.dumps(c[key], sort_keys=True) for c in configs.values()}) != 1:
-            raise AssertionError(f"presets differ in {key!r}: the budget is not identical")
-
+    _check_fairness(budget)
     protocol = protocol_text(budget, seed_list)
-    protocol_path = out_dir / "PROTOCOL.md"
-    if protocol_path.is_file():
-        if protocol_path.read_text() != protocol:
-            raise BadInput(
-                f"{protocol_path} holds a different protocol (another budget or seed count); use a new --out"
-            )
-        written = (
-            read_json(out_dir / "protocol.json")["written"] if (out_dir / "protocol.json").is_file() else "unknown"
-        )
-    else:
-        written = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        with atomic_path(protocol_path) as tmp:
-            tmp.write_text(protocol)
-        write_json(out_dir / "protocol.json", {"written": written, "budget": asdict(budget), "seeds": seed_list})
+    written = _write_protocol(out_dir, protocol, budget, seed_list)
 
     _, test_data = digits_split()
     classifier, reference = fit_classifier()
-    total = len(PRESETS) * len(seed_list)
-    emit("start", {"total": total, "budget": budget_name, "seeds": seed_list, "epochs": budget.epochs})
-    results, skipped = [], []
-    index = 0
-    for seed in seed_list:  # seeds outermost: a stopped experiment has whole seeds of every preset first
-        for preset in PRESETS:
-            index += 1
-            run_dir = out_dir / "runs" / preset / f"seed{seed}"
-            emit("run", {"index": index, "total": total, "preset": preset, "seed": seed, "epochs": budget.epochs})
-
-            def on_epoch(epoch: int, bpd: float, preset=preset, seed=seed) -> None:
-                emit("epoch", {"preset": preset, "seed": seed, "epoch": epoch, "epochs": budget.epochs, "bpd": bpd})
-
-            result = run_one(preset, seed, budget, run_dir, classifier, test_data, on_epoch)
-            if result.pop("skipped", False):
-                skipped.append(f"{preset}/seed{seed}")
-            results.append(result)
-            emit(
-                "run_done",
-                {"index": index, "total": total, "preset": preset, "seed": seed, "heldout_bpd": result["heldout_bpd"]},
-            )
+    results, skipped = _run_all(budget, budget_name, seed_list, out_dir, classifier, test_data, emit)
 
     analysis = analyse(results, budget)
-    plot_curves(results, analysis, out_dir / "bpd_vs_epoch.png", "epoch")
-    plot_curves(results, analysis, out_dir / "bpd_vs_seconds.png", "seconds")
-    plot_awgn(analysis, out_dir / "awgn.png")
-    plot_samples(results, out_dir, test_data, out_dir / "samples.png")
+    _plot_all(results, analysis, out_dir, test_data)
     header = {
         "command": command_line(budget_name, out_dir, seeds, threads),
         "git": git_commit(),

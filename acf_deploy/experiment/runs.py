@@ -98,6 +98,86 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _resumed_curve(
+    run_dir: Path, curve_path: Path, curve_data: np.ndarray, config: dict[str, Any]
+) -> tuple[bool, list[dict[str, float]]]:
+    """Whether training resumes, and the convergence curve so far (empty for a fresh run)."""
+    curve: list[dict[str, float]] = []
+    resume = (run_dir / STATE_META).is_file()
+    if resume:
+        done = read_json(run_dir / STATE_META)["epoch"] + 1
+        curve = [c for c in (read_json(curve_path)["curve"] if curve_path.is_file() else []) if c["epoch"] <= done]
+        if len(curve) == done - 1:  # stopped between the checkpoint and its curve point: score that checkpoint
+            flow, _ = load_checkpoint(run_dir)
+            seconds = read_json(run_dir / STATE_META)["seconds"]
+            curve.append(
+                {"epoch": done, "seconds": seconds, "bpd": evaluate_bpd(flow, curve_data, config, seed=EVAL_SEED)}
+            )
+        elif len(curve) != done:
+            resume, curve = False, []  # the curve cannot be rebuilt: train this run again from scratch
+    return resume, curve
+
+
+def _sample_quality(baked: Flow, budget: Budget, classifier, run_dir: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The run's quality samples (the first 64 saved) and what the classifier makes of them."""
+    z = torch.randn(budget.n_samples, baked.dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    with torch.no_grad():
+        samples, residual = baked.sample(z, budget.sample_iters)
+    samples_np = samples.numpy()
+    quality = classify(classifier, quantise(samples_np).reshape(len(samples_np), -1))
+    quality["non_finite"] = int((~np.isfinite(samples_np.reshape(len(samples_np), -1)).all(1)).sum())
+    quality["max_fixed_point_residual"] = float(residual.max()) if residual.numel() else 0.0
+    np.save(run_dir / "samples.npy", samples_np[:64].astype(np.float32))
+    return samples, quality
+
+
+def _block_rows(
+    baked: Flow, final_data: np.ndarray, samples: torch.Tensor, budget: Budget, config: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per-block Lipschitz constants, gamma and attention share; one error row when the run diverged."""
+    n_lip = budget.lip_inputs
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    try:
+        return block_report(
+            baked,
+            to_model_space(final_data[:n_lip], config, gen),
+            samples[:n_lip],
+            n_iter=budget.lip_iters,
+            steps=budget.lip_iters,
+        )
+    except FloatingPointError as exc:  # a diverged run is reported, not allowed to stop the experiment
+        return [{"error": str(exc)}]
+
+
+def _curve_recorder(
+    run_dir: Path,
+    curve_path: Path,
+    curve: list[dict[str, float]],
+    curve_data: np.ndarray,
+    config: dict[str, Any],
+    on_epoch: Callable[[int, float], None] | None,
+) -> Callable[[int, dict[str, float]], None]:
+    """The per-epoch hook of ``train``: score the checkpoint it just wrote on the curve subset, save the curve."""
+
+    def epoch_done(epoch: int, record: dict[str, float]) -> None:
+        flow, _ = load_checkpoint(run_dir)  # the EMA weights train() just checkpointed
+        started = time.perf_counter()
+        bpd = evaluate_bpd(flow, curve_data, config, seed=EVAL_SEED)
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "seconds": record["seconds"],
+                "bpd": bpd,
+                "eval_seconds": time.perf_counter() - started,
+            }
+        )
+        write_json(curve_path, {"curve": curve})
+        if on_epoch:
+            on_epoch(epoch + 1, bpd)
+
+    return epoch_done
+
+
 def run_one(
     preset: str,
     seed: int,
@@ -119,37 +199,10 @@ def run_one(
 
     curve_data = test_data[: budget.curve_size]
     curve_path = run_dir / "curve.json"
-    curve: list[dict[str, float]] = []
-    resume = (run_dir / STATE_META).is_file()
-    if resume:
-        done = read_json(run_dir / STATE_META)["epoch"] + 1
-        curve = [c for c in (read_json(curve_path)["curve"] if curve_path.is_file() else []) if c["epoch"] <= done]
-        if len(curve) == done - 1:  # stopped between the checkpoint and its curve point: score that checkpoint
-            flow, _ = load_checkpoint(run_dir)
-            seconds = read_json(run_dir / STATE_META)["seconds"]
-            curve.append(
-                {"epoch": done, "seconds": seconds, "bpd": evaluate_bpd(flow, curve_data, config, seed=EVAL_SEED)}
-            )
-        elif len(curve) != done:
-            resume, curve = False, []  # the curve cannot be rebuilt: train this run again from scratch
+    resume, curve = _resumed_curve(run_dir, curve_path, curve_data, config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    def epoch_done(epoch: int, record: dict[str, float]) -> None:
-        flow, _ = load_checkpoint(run_dir)  # the EMA weights train() just checkpointed
-        started = time.perf_counter()
-        bpd = evaluate_bpd(flow, curve_data, config, seed=EVAL_SEED)
-        curve.append(
-            {
-                "epoch": epoch + 1,
-                "seconds": record["seconds"],
-                "bpd": bpd,
-                "eval_seconds": time.perf_counter() - started,
-            }
-        )
-        write_json(curve_path, {"curve": curve})
-        if on_epoch:
-            on_epoch(epoch + 1, bpd)
-
+    epoch_done = _curve_recorder(run_dir, curve_path, curve, curve_data, config, on_epoch)
     flow, metrics = train(config, run_dir, seed=seed, resume=resume, on_epoch=epoch_done)
     started = time.perf_counter()
     baked = build_flow(config)
@@ -159,27 +212,8 @@ def run_one(
     clean = noisy_bpd(baked, final_data, config, 0.0, NOISE_SEED)
     awgn = {f"{s:g}": noisy_bpd(baked, final_data, config, s, NOISE_SEED + i + 1) for i, s in enumerate(SIGMAS)}
 
-    z = torch.randn(budget.n_samples, baked.dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-    with torch.no_grad():
-        samples, residual = baked.sample(z, budget.sample_iters)
-    samples_np = samples.numpy()
-    quality = classify(classifier, quantise(samples_np).reshape(len(samples_np), -1))
-    quality["non_finite"] = int((~np.isfinite(samples_np.reshape(len(samples_np), -1)).all(1)).sum())
-    quality["max_fixed_point_residual"] = float(residual.max()) if residual.numel() else 0.0
-    np.save(run_dir / "samples.npy", samples_np[:64].astype(np.float32))
-
-    n_lip = budget.lip_inputs
-    gen = torch.Generator().manual_seed(EVAL_SEED)
-    try:
-        blocks = block_report(
-            baked,
-            to_model_space(final_data[:n_lip], config, gen),
-            samples[:n_lip],
-            n_iter=budget.lip_iters,
-            steps=budget.lip_iters,
-        )
-    except FloatingPointError as exc:  # a diverged run is reported, not allowed to stop the experiment
-        blocks = [{"error": str(exc)}]
+    samples, quality = _sample_quality(baked, budget, classifier, run_dir)
+    blocks = _block_rows(baked, final_data, samples, budget, config)
     result = {
         "preset": preset,
         "seed": seed,
