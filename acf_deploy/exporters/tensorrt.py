@@ -141,20 +141,14 @@ def _digest(payload: bytes) -> str:
 # -- building -----------------------------------------------------------------------------------
 
 
-def build_engines(
+def _build_request(
     artifact_dir: str | os.PathLike,
-    precision: str = "fp32",
-    batch: tuple[int, int, int] = DEFAULT_BATCH,
-    workspace_mb: int = DEFAULT_WORKSPACE_MB,
-    timing_cache: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Build (or reuse) one engine per graph and record it in the manifest.
-
-    Returns ``{"engines": {graph: {"key", "file", "sha256", "reused", "build_s", "half_layers"}},
-    "timing_cache": path}``. Raises BadInput for a precision the artifact was not exported at, a bad
-    profile or external data outside the artifact; CheckFailed for parser or build errors (node by
-    node); BackendUnavailable when TensorRT cannot run here.
-    """
+    precision: str,
+    batch: tuple[int, ...],
+    workspace_mb: int,
+    timing_cache: str | os.PathLike | None,
+) -> tuple[Artifact, list[_GraphSource]]:
+    """Check a build request before TensorRT is touched: the artifact and what each graph's build reads."""
     if precision not in PRECISIONS:
         raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     batch = _check_batch(tuple(batch))
@@ -171,8 +165,24 @@ def build_engines(
             f"{artifact.root} was exported at {exported}; a {precision} engine needs a {precision} export "
             f"(strongly typed TensorRT takes precision from the graph): re-export at --precision {precision}"
         )
-    sources = [_graph_source(artifact, graph, batch) for graph in artifact.manifest["graphs"]]
+    return artifact, [_graph_source(artifact, graph, batch) for graph in artifact.manifest["graphs"]]
 
+
+def build_engines(
+    artifact_dir: str | os.PathLike,
+    precision: str = "fp32",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) one engine per graph and record it in the manifest.
+
+    Returns ``{"engines": {graph: {"key", "file", "sha256", "reused", "build_s", "half_layers"}},
+    "timing_cache": path}``. Raises BadInput for a precision the artifact was not exported at, a bad
+    profile or external data outside the artifact; CheckFailed for parser or build errors (node by
+    node); BackendUnavailable when TensorRT cannot run here.
+    """
+    artifact, sources = _build_request(artifact_dir, precision, batch, workspace_mb, timing_cache)
     trt = trt_util.import_tensorrt()
     device = trt_util.cuda_device()
     logger = trt_util.make_logger(trt)

@@ -336,7 +336,6 @@ def write_triton_repository(
     repo = check_output_dir(repo, lambda path: (path / METADATA).is_file(), "a repository written by acf-deploy")
     repo.mkdir(parents=True, exist_ok=True)
     precision = str(artifact.manifest.get("precision", "fp32"))
-    batch_axis = artifact.manifest.get("batch_axis", "batch")
     models = {graph: f"{name}-{graph}" for graph in ("sample", "density")}
     version = 1 + max([0, *(v for m in models.values() for v in _versions(repo / m))])
     opt_batch = min(options.opt_batch or 64, max_batch)
@@ -351,12 +350,9 @@ def write_triton_repository(
     for graph, model_name in models.items():
         model_dir = repo / model_name
         model_dir.mkdir(exist_ok=True)
-        source_name = artifact.manifest["graphs"][graph]["file"]
-        source = artifact.graph_path(graph)
         original = artifact.load_graph(graph)
         spec = model_specs(artifact, graph, original)
-        clean_stale(model_dir, str(version))
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.{os.getpid()}.", suffix=".tmpdir", dir=model_dir))
+        source_name = artifact.manifest["graphs"][graph]["file"]
         entry: dict[str, Any] = {
             "artifact": str(Path(artifact_dir).resolve()),
             "preset": artifact.manifest.get("preset"),
@@ -366,35 +362,7 @@ def write_triton_repository(
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "backend": options.backend,
         }
-        try:
-            externals = artifact.graph_files(graph, original)[1:]
-            if any(t.made_per_row for t in spec.inputs):
-                full = onnx.load(str(artifact.verify_file(source_name)))
-                rewritten = per_row_temperature(full, batch_axis)
-                if externals:
-                    onnx.save(
-                        rewritten, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
-                    )
-                else:
-                    onnx.save(rewritten, str(staging / "model.onnx"))
-                entry["per_row_inputs"] = [t.name for t in spec.inputs if t.made_per_row]
-                entry["per_row_check"] = _check_per_row(source, staging / "model.onnx", artifact.dim)
-            else:
-                _copy_verified(artifact, source_name, staging / "model.onnx")
-                for ext in externals:
-                    (staging / ext).parent.mkdir(parents=True, exist_ok=True)
-                    _copy_verified(artifact, ext, staging / ext)
-            entry["files"] = {
-                p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-            }
-            os.chmod(staging, 0o777 & ~current_umask())
-            target = model_dir / str(version)
-            if target.exists():
-                raise BadInput(f"{target} appeared while writing; run `acf-deploy triton` again")
-            os.rename(staging, target)  # the version appears whole, or not at all
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        target = _write_version(artifact, graph, original, spec, model_dir / str(version), entry)
         config = render_config(model_name, spec, options, max_batch, precision)
         with atomic_path(model_dir / "config.pbtxt") as tmp:
             tmp.write_text(config)
@@ -420,6 +388,51 @@ def write_triton_repository(
     _write_readme(repo, artifact, models, summary, options, max_batch)
     summary["readme"] = str(repo / README)
     return summary
+
+
+def _write_version(
+    artifact: Artifact,
+    graph: str,
+    original: onnx.ModelProto,
+    spec: ModelSpec,
+    target: Path,
+    entry: dict[str, Any],
+) -> Path:
+    """The model files of one version, staged beside ``target`` and renamed into place whole; ``entry``
+    (the version's record) gains the files' hashes and, for a per-row temperature, how it was checked."""
+    model_dir, version = target.parent, target.name
+    source_name = artifact.manifest["graphs"][graph]["file"]
+    clean_stale(model_dir, version)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.{os.getpid()}.", suffix=".tmpdir", dir=model_dir))
+    try:
+        externals = artifact.graph_files(graph, original)[1:]
+        if any(t.made_per_row for t in spec.inputs):
+            full = onnx.load(str(artifact.verify_file(source_name)))
+            rewritten = per_row_temperature(full, artifact.manifest.get("batch_axis", "batch"))
+            if externals:
+                onnx.save(
+                    rewritten, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
+                )
+            else:
+                onnx.save(rewritten, str(staging / "model.onnx"))
+            entry["per_row_inputs"] = [t.name for t in spec.inputs if t.made_per_row]
+            entry["per_row_check"] = _check_per_row(artifact.graph_path(graph), staging / "model.onnx", artifact.dim)
+        else:
+            _copy_verified(artifact, source_name, staging / "model.onnx")
+            for ext in externals:
+                (staging / ext).parent.mkdir(parents=True, exist_ok=True)
+                _copy_verified(artifact, ext, staging / ext)
+        entry["files"] = {
+            p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        os.chmod(staging, 0o777 & ~current_umask())
+        if target.exists():
+            raise BadInput(f"{target} appeared while writing; run `acf-deploy triton` again")
+        os.rename(staging, target)  # the version appears whole, or not at all
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _sh(word: str) -> str:
