@@ -21,8 +21,8 @@ from acf_deploy.cli import app
 from acf_deploy.data import digits_split
 from acf_deploy.errors import BadInput
 from acf_deploy.runtime import open_backend
-from acf_deploy.runtime.distributed import RayOptions, plan_shards, sample_distributed, score_distributed
-from acf_deploy.runtime.jobs import batch_rng, sample_to_file, score, score_batch
+from acf_deploy.runtime.distributed import RayOptions, plan_shards
+from acf_deploy.runtime.jobs import batch_rng, sample_job, sample_to_file, score, score_batch, score_job
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install acf-deploy[distributed])")
 
@@ -71,8 +71,9 @@ def test_batch_randomness_depends_only_on_seed_and_batch(digits, local_scores):
 def test_ray_score_equals_single_process_bit_for_bit(cluster, digits, local_scores):
     data = digits_split()[1]
     seen: list[int] = []
-    log_lik, bpd, report = score_distributed(
-        digits, data, seed=3, batch=BATCH, options=RayOptions(workers=2, shard_batches=2), on_progress=seen.append
+    options = RayOptions(workers=2, shard_batches=2)
+    log_lik, bpd, report = score_job(
+        digits, data, seed=3, batch=BATCH, engine="ray", options=options, on_progress=seen.append
     )
     assert report["shards"] == len(plan_shards(len(data), BATCH, 2)) and report["retries"] == 0
     np.testing.assert_array_equal(log_lik, local_scores[0])  # same values, same order
@@ -87,9 +88,10 @@ def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, dig
     events: list[str] = []
     seen: list[int] = []
     options = RayOptions(workers=2, shard_batches=2, fail_once=(2, str(marker)), on_event=events.append)
-    log_lik, bpd, report = score_distributed(
-        digits, data, seed=3, batch=BATCH, options=options, target=tmp_path / "ll.npy", on_progress=seen.append
-    )
+    log_lik, bpd, report = score_job(
+        digits, data, seed=3, batch=BATCH, engine="ray", options=options, target=tmp_path / "ll.npy",
+        on_progress=seen.append,
+    )  # fmt: skip
     assert marker.exists(), "the worker was not killed"
     assert report["retries"] >= 1 and any("shard 2" in e for e in events)
     np.testing.assert_array_equal(np.load(tmp_path / "ll.npy"), local_scores[0])
@@ -101,8 +103,9 @@ def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, dig
 def test_ray_sample_equals_single_process(cluster, digits, tmp_path):
     with open_backend("ort", digits, threads=1) as runner:
         local = sample_to_file(runner, digits, 150, tmp_path / "local.npy", 0.9, seed=5, batch=BATCH)
-    stats = sample_distributed(
-        digits, 150, tmp_path / "ray.npy", 0.9, seed=5, batch=BATCH, options=RayOptions(workers=2, shard_batches=1)
+    options = RayOptions(workers=2, shard_batches=1)
+    stats = sample_job(
+        digits, 150, tmp_path / "ray.npy", temperature=0.9, seed=5, batch=BATCH, engine="ray", options=options
     )
     np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), np.load(tmp_path / "local.npy"))
     assert stats["residual_max"] == local["residual_max"] and stats["nonfinite"] == local["nonfinite"] == 0
@@ -129,7 +132,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     from acf_deploy.artifact import open_artifact
-    from acf_deploy.runtime.distributed import RayOptions, peak_rss_mb, ray_session, score_distributed
+    from acf_deploy.runtime.distributed import RayOptions, peak_rss_mb, ray_session
+    from acf_deploy.runtime.jobs import score_job
 
     address, root, data_path, out_dir = sys.argv[1:5]
     artifact = open_artifact(root)
@@ -138,8 +142,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     with ray_session(address):
         for n in (10_000, 100_000):
             options = RayOptions(workers=2, shard_batches=2)
-            _, bpd, report = score_distributed(
-                artifact, data[:n], batch=1024, options=options, target=f"{out_dir}/ll-{n}.npy"
+            _, bpd, report = score_job(
+                artifact, data[:n], batch=1024, engine="ray", options=options, target=f"{out_dir}/ll-{n}.npy"
             )
             rows[n] = {"driver": peak_rss_mb(),
                        "worker": report["worker_peak_rss_mb"], "shards": report["shards"]}

@@ -12,12 +12,27 @@ from .budgets import HOST, PRESETS
 from .runs import quantise
 
 
-def plot_curves(results: list[dict], analysis: dict, target: Path, x_key: str) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, target: Path) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically, and free it."""
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+    return target
+
+
+def plot_curves(results: list[dict], analysis: dict, target: Path, x_key: str) -> Path:
+    plt = _pyplot()
     hosts = [h for h in ("digits-resflow", "digits-glow") if any(HOST[r["preset"]] == h for r in results)]
     fig, axes = plt.subplots(1, max(1, len(hosts)), figsize=(6 * max(1, len(hosts)), 4), squeeze=False)
     for ax, host in zip(axes[0], hosts, strict=False):
@@ -40,19 +55,11 @@ def plot_curves(results: list[dict], analysis: dict, target: Path, x_key: str) -
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("mean over seeds; band: min to max over seeds")
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def plot_awgn(analysis: dict, target: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for preset, s in analysis["summary"].items():
         ks = list(s["awgn_relative"])
@@ -69,19 +76,11 @@ def plot_awgn(analysis: dict, target: Path) -> Path:
     ax.set_title("mean over seeds, 95% t interval")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)
 
 
 def plot_samples(results: list[dict], out_dir: Path, test_data: np.ndarray, target: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     from ..plots import tile_images
 
     panels = [("real test digits", test_data[:64] / (DIGITS_LEVELS - 1))]
@@ -97,8 +96,4 @@ def plot_samples(results: list[dict], out_dir: Path, test_data: np.ndarray, targ
         ax.imshow(tile_images(images, cols=8)[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return target
+    return _save(fig, target)

@@ -4,9 +4,11 @@ The rows of a job are cut into **shards**, runs of whole batches: shard ``s`` co
 ``[first_batch, first_batch + k)`` of the single-process job with the same ``batch``. Every batch draws
 its randomness from :func:`~acf_deploy.runtime.jobs.batch_rng` ``(seed, stream, batch index)``
 and is computed by the very functions the single-process path calls
-(:func:`~acf_deploy.runtime.jobs.score_batch`, :func:`~acf_deploy.runtime.jobs.sample_batch`), so with
+(:func:`~acf_deploy.runtime.jobs.score_rows`, :func:`~acf_deploy.runtime.jobs.sample_rows`), so with
 the same backend and thread count a Ray job equals :func:`~acf_deploy.runtime.jobs.score` /
-:func:`~acf_deploy.runtime.jobs.sample_to_file` bit for bit, in the same order.
+:func:`~acf_deploy.runtime.jobs.sample_to_file` bit for bit, in the same order. Requests are checked,
+and jobs started, by :func:`~acf_deploy.runtime.jobs.score_job` / :func:`~acf_deploy.runtime.jobs.sample_job`
+(``engine="ray"``); this module holds what is Ray's: shards, workers, scheduling and retries.
 
 Each Ray actor (:class:`ShardWorker`) opens the artifact (hash-checked) and holds one backend: ONNX
 Runtime on one CPU thread by default; ``trt``, ``ort-cuda`` and ``ort-trt`` actors ask Ray for one GPU.
@@ -38,8 +40,6 @@ from ..errors import AcfError, BackendUnavailable, BadInput, CheckFailed
 from .jobs import (
     Progress,
     bits_per_dim,
-    check_sample_request,
-    check_score_request,
     output_array,
     sample_rows,
     score_rows,
@@ -52,9 +52,7 @@ __all__ = [
     "ShardWorker",
     "plan_shards",
     "ray_session",
-    "sample_distributed",
     "sample_shards",
-    "score_distributed",
     "score_shards",
 ]
 
@@ -324,25 +322,6 @@ def _run_shards(
     return {"shards": len(shards), "retries": pool.retries, "workers": options.workers}
 
 
-def score_distributed(
-    artifact: Artifact,
-    data: np.ndarray,
-    seed: int = 0,
-    batch: int = 256,
-    options: RayOptions | None = None,
-    on_progress: Progress | None = None,
-    target: str | Path | None = None,
-) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """:func:`jobs.score <acf_deploy.runtime.jobs.score>` on Ray: ``(log_lik, bits/dim, report)``.
-
-    ``data`` may be a memory-mapped array: the driver reads one shard at a time. With ``target`` (``.npy``)
-    the log-likelihoods are written into a memory-mapped file (atomically) and returned memory-mapped.
-    The report has the shard count, retries, and the peak RSS (MB) of the driver and of the workers.
-    """
-    target, batch = check_score_request(artifact, len(data), target, seed, batch)
-    return score_shards(artifact, data, seed, batch, options or RayOptions(), on_progress, target)
-
-
 def score_shards(
     artifact: Artifact,
     data: np.ndarray,
@@ -352,7 +331,13 @@ def score_shards(
     on_progress: Progress | None,
     target: Path | None,
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """:func:`score_distributed` for a request :func:`~acf_deploy.runtime.jobs.check_score_request` passed."""
+    """:func:`~acf_deploy.runtime.jobs.score_job` on Ray, for a request it has checked: ``(log_lik, bits/dim,
+    report)``.
+
+    ``data`` may be a memory-mapped array: the driver reads one shard at a time. With ``target`` (``.npy``)
+    the log-likelihoods are written into a memory-mapped file (atomically) and returned memory-mapped.
+    The report has the shard count, retries, and the peak RSS (MB) of the driver and of the workers.
+    """
     options.check()
     n = len(data)
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
@@ -377,21 +362,6 @@ def score_shards(
     return log_lik, bpd, report
 
 
-def sample_distributed(
-    artifact: Artifact,
-    n: int,
-    target: str | Path,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch: int = 256,
-    options: RayOptions | None = None,
-    on_progress: Progress | None = None,
-) -> dict[str, Any]:
-    """:func:`jobs.sample_to_file <acf_deploy.runtime.jobs.sample_to_file>` on Ray; same stats plus a report."""
-    target, batch = check_sample_request(artifact, n, target, temperature, seed, batch)
-    return sample_shards(artifact, n, target, temperature, seed, batch, options or RayOptions(), on_progress)
-
-
 def sample_shards(
     artifact: Artifact,
     n: int,
@@ -402,7 +372,8 @@ def sample_shards(
     options: RayOptions,
     on_progress: Progress | None,
 ) -> dict[str, Any]:
-    """:func:`sample_distributed` for a request :func:`~acf_deploy.runtime.jobs.check_sample_request` passed."""
+    """:func:`~acf_deploy.runtime.jobs.sample_job` on Ray, for a request it has checked: the stats of
+    :func:`~acf_deploy.runtime.jobs.sample_to_file` plus a report."""
     options.check()
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
     stats: dict[str, Any] = {"n": n, "residual_max": 0.0, "nonfinite": 0}
