@@ -91,8 +91,13 @@ def count_nodes(graph: GraphProto) -> int:
 
 
 def op_counts(graph: GraphProto) -> Counter:
-    """How often each op type occurs, subgraphs included."""
-    return Counter(node.op_type for g in walk_graphs(graph) for node in g.node)
+    """How often each op type occurs, subgraphs included (first seen first, depth first)."""
+    counts: Counter = Counter()
+    for node in graph.node:
+        counts[node.op_type] += 1
+        for sub in subgraphs(node):
+            counts.update(op_counts(sub))
+    return counts
 
 
 def free_names(graph: GraphProto) -> set[str]:
