@@ -1,4 +1,4 @@
-# acf-deploy on a GPU: TensorRT engines and the trt / ort backends (issue 4).
+# acf-deploy on a GPU: TensorRT engines and the trt / ort backends.
 #
 # NVIDIA's TensorRT image brings CUDA, cuDNN, TensorRT and its Python bindings, which PyPI alone cannot
 # (the TensorRT libraries come from NVIDIA's index). Pick another release with

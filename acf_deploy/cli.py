@@ -25,11 +25,35 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
+from . import __version__
 from .errors import AcfError
 
+
+def _flags_as_flags(params: list) -> list:
+    """Help shows ``--json``, not ``--json <bool>``: an on/off option takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list:
+        return _flags_as_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Deploy Attentive Contractive Flows: export, verify, serve."
+    add_completion=False,
+    no_args_is_help=True,
+    cls=_Group,
+    help="Deploy Attentive Contractive Flows: export, verify, serve.",
 )
 console = Console(stderr=True)
 out = Console()
@@ -42,9 +66,18 @@ INTERNAL_ERROR = 4
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"acf-deploy {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help=f"Print the traceback of an internal error (or {DEBUG_ENV}=1)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """acf-deploy: trained Attentive Contractive Flows to verified ONNX / TensorRT deployments."""
     _state["debug"] = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -137,32 +170,46 @@ def progress() -> Progress:
     )
 
 
+#: The backends of ``acf_deploy.runtime.open_backend`` (a test keeps the two lists equal).
+BACKEND_CHOICES = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
+
+
+def _backend_option(what: str) -> Any:
+    return typer.Option(
+        "ort",
+        metavar="|".join(BACKEND_CHOICES),
+        help=f"{what} torch: the PyTorch reference; ort: ONNX Runtime on the CPU; ort-cuda, ort-trt: its CUDA and "
+        "TensorRT providers; trt: TensorRT engines from `build`.",
+    )
+
+
 def print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=float) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def train(
     preset: str = typer.Argument(..., help="Preset name, e.g. digits-acf-l2."),
     out_dir: Path = typer.Option(..., "--out", help="Checkpoint directory."),
     epochs: int | None = typer.Option(None, help="Epochs (preset default if omitted)."),
-    batch_size: int | None = typer.Option(None, "--batch-size"),
-    lr: float | None = typer.Option(None),
-    seed: int = typer.Option(0),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Training batch size (preset default if omitted)."
+    ),
+    lr: float | None = typer.Option(None, help="Peak learning rate (preset default if omitted)."),
+    seed: int = typer.Option(
+        0, help="Seed of initialisation, data order and noise (the same seed gives the same result)."
+    ),
     resume: bool = typer.Option(False, help="Continue from the last epoch checkpoint in --out."),
     data: Path | None = typer.Option(None, help="Local data file for mnist/cifar presets (.npz, IDX, PNG folder)."),
 ) -> None:
     """Train a preset on its data; writes an EMA checkpoint every epoch, then the held-out report."""
-    import torch
-
     from .errors import BadInput
     from .flows.presets import PRESETS, preset_config
     from .pipeline import train_preset
 
     if preset not in PRESETS:
         raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_hp = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     overrides: dict[str, Any] = {"train": train_hp}
     if data is not None:
@@ -197,16 +244,18 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-@app.command("import")
+@app.command("import", cls=_Command)
 @handle_errors
 def import_cmd(
     checkpoint: Path = typer.Argument(..., help="A .pth written by train_img.py of Residual Flows or the ACF code."),
     out_dir: Path = typer.Option(..., "--out", help="Checkpoint directory to write (model.safetensors + model.json)."),
-    weights: str = typer.Option("ema", help="ema (the EMA weights the reference evaluates with) | raw."),
+    weights: str = typer.Option(
+        "ema", metavar="ema|raw", help="ema (the EMA weights the reference evaluates with) | raw."
+    ),
     data: Path | None = typer.Option(
         None, help="The model's data in its levels (.npy, .npz, IDX, CIFAR-10 .bin) to measure blocks on."
     ),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the model samples the blocks are measured on."),
     json_out: bool = typer.Option(False, "--json", help="The import report as JSON."),
 ) -> None:
     """Import a Residual Flows or ACF checkpoint: rebuild it, certify or measure every block, write a checkpoint."""
@@ -249,22 +298,28 @@ def _open(artifact_dir: Path):
     return open_artifact(artifact_dir)
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (model.safetensors + model.json)."),
     out_dir: Path = typer.Option(..., "--out", help="Artifact directory to write (atomically)."),
-    logdet: str | None = typer.Option(None, help="exact | series (default: exact when D <= 256)."),
+    logdet: str | None = typer.Option(
+        None, metavar="exact|series", help="exact | series (default: exact when D <= 256)."
+    ),
     terms: int = typer.Option(10, help="Series terms (series mode)."),
     probes: int = typer.Option(4, help="Rademacher probes per sample (series mode)."),
-    inverse: str = typer.Option("loop", help="loop | unroll: how fixed-point iterations appear in sample.onnx."),
+    inverse: str = typer.Option(
+        "loop", metavar="loop|unroll", help="loop | unroll: how fixed-point iterations appear in sample.onnx."
+    ),
     iters: str = typer.Option("calibrated", help="calibrated | certified | N iterations per block."),
     tol: float = typer.Option(1e-5, help="Per-block fixed-point tolerance (max-abs)."),
     precision: str = typer.Option(
-        "fp32", help="fp32 | fp16 | bf16: half exports cast explicitly, with fp32 islands (LU, log-dets, sums)."
+        "fp32",
+        metavar="fp32|fp16|bf16",
+        help="fp32 | fp16 | bf16: half exports cast explicitly, with fp32 islands (LU, log-dets, sums).",
     ),
     opset: int = typer.Option(17, help="ONNX opset (bf16 raises it to 22, the first with bfloat16 Conv)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of calibration, measurement and the golden batch."),
     data: Path | None = typer.Option(
         None,
         help="Held-out data in the model's levels (.npy, .npz, IDX, CIFAR-10 .bin) to calibrate and check on "
@@ -273,10 +328,19 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Export a checkpoint to sample.onnx + density.onnx, verified against PyTorch before it counts."""
-    from .exporters.export import ExportOptions, export_artifact
+    from .pipeline import ExportOptions, export_artifact
 
     opts = ExportOptions(
-        logdet, terms, probes, inverse, iters, tol, precision, opset, seed, None if data is None else str(data)
+        logdet=logdet,
+        terms=terms,
+        probes=probes,
+        inverse=inverse,
+        iters=iters,
+        tol=tol,
+        precision=precision,
+        opset=opset,
+        seed=seed,
+        data=None if data is None else str(data),
     )
     with console.status("exporting") as status:
         artifact = export_artifact(checkpoint, out_dir, opts, log=lambda msg: status.update(msg))
@@ -323,16 +387,18 @@ def render_export(root: Path, summary: dict[str, Any]) -> None:
         out.print(f"[yellow]UNVERIFIED[/yellow]: {escape(str(verification.get('reason')))}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def check(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
-    backend: str = typer.Option("ort", help="Backend to check: ort, ort-cuda, ort-trt, trt, torch."),
+    backend: str = _backend_option("Backend to check."),
     n: int = typer.Option(1024, help="Seeded inputs per graph."),
-    against: str = typer.Option("torch", help="torch (rebuild the model) or golden (golden.npz, no PyTorch)."),
-    atol: float = typer.Option(1e-4),
-    rtol: float = typer.Option(1e-4),
-    seed: int = typer.Option(0),
+    against: str = typer.Option(
+        "torch", metavar="torch|golden", help="torch (rebuild the model) or golden (golden.npz, no PyTorch)."
+    ),
+    atol: float = typer.Option(1e-4, help="Absolute tolerance per output value (fp32; density outputs at least 1e-3)."),
+    rtol: float = typer.Option(1e-4, help="Relative tolerance per output value, times the reference's magnitude."),
+    seed: int = typer.Option(0, help="Seed of the latents, dequantisation noise and probes."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Parity of a backend against PyTorch or golden.npz: errors per output, bits/dim, round trips."""
@@ -384,7 +450,7 @@ def render_check(result) -> None:
             _ok_cell(o.passed, result.precision),
         )
     out.print(table)
-    metrics = Table(title=f"metrics (DESIGN 5 limits, {result.precision})")
+    metrics = Table(title=f"metrics ({result.precision} limits of docs/guarantees.md §5)")
     for column in ("metric", "value", "limit"):
         metrics.add_column(column)
     for key, value in result.metrics.items():
@@ -403,7 +469,9 @@ def render_check(result) -> None:
 
 # Options `sample` and `score` share (one definition each, so their help cannot drift apart).
 ENGINE = typer.Option(
-    "local", help="local (one process) or ray (shards over Ray workers; bit-identical for the same --threads)."
+    "local",
+    metavar="local|ray",
+    help="local (one process) or ray (shards over Ray workers; bit-identical for the same --threads).",
 )
 ADDRESS = typer.Option(None, help="Ray cluster address (ray engine); default: start a local one.")
 WORKERS = typer.Option(2, help="Ray workers, one backend each (ray engine).")
@@ -414,79 +482,85 @@ THREADS = typer.Option(
 )
 
 
-def _ray_options(engine: str, address: str | None, workers: int):
-    """Engine options for the library; retries are reported as they happen."""
+def _ray_options(address: str | None, workers: int):
+    """The Ray options the job uses with ``--engine ray`` (and refuses without it); retries are reported as
+    they happen."""
     from .runtime.distributed import RayOptions
 
-    if engine != "ray":
-        if address is not None or workers != RayOptions.workers:
-            from .errors import BadInput
-
-            raise BadInput("--address and --workers need --engine ray")
-        return None
     return RayOptions(workers=workers, address=address, on_event=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def sample(
-    artifact_dir: Path = typer.Argument(...),
-    n: int = typer.Option(64, "--n"),
-    backend: str = typer.Option("ort"),
-    temperature: float = typer.Option(1.0),
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
+    n: int = typer.Option(64, "--n", help="Number of samples."),
+    backend: str = _backend_option("Backend to sample with."),
+    temperature: float = typer.Option(1.0, help="Scale of the latents z (below 1: more typical samples)."),
     out_file: Path = typer.Option(..., "--out", help=".png grid or .npy array (data space, [0, 1] for images)."),
-    seed: int = typer.Option(0),
-    batch: int = typer.Option(256),
+    seed: int = typer.Option(0, help="Seed of the latents (batch by batch: any engine gives the same samples)."),
+    batch: int = typer.Option(256, help="Samples per backend call."),
     engine: str = ENGINE,
     address: str | None = ADDRESS,
     workers: int = WORKERS,
     threads: int | None = THREADS,
 ) -> None:
     """Draw samples through the exported fixed-iteration inverse, streamed in batches."""
-    from .runtime.distributed import sample_job
-    from .runtime.jobs import check_sample_request
+    from .runtime.jobs import sample_job
 
-    options = _ray_options(engine, address, workers)
     artifact = _open(artifact_dir)
-    check_sample_request(artifact, n, out_file, temperature)
     with progress() as bar:
         task = bar.add_task(f"sample ({engine})", total=n, info="")
         stats = sample_job(
-            artifact, n, out_file, backend, temperature, seed, batch, engine, threads, options,
-            lambda k: bar.advance(task, k),
-        )  # fmt: skip
+            artifact,
+            n,
+            out_file,
+            backend=backend,
+            temperature=temperature,
+            seed=seed,
+            batch=batch,
+            engine=engine,
+            threads=threads,
+            options=_ray_options(address, workers),
+            on_progress=lambda k: bar.advance(task, k),
+        )
     retries = f", {stats['retries']} shard retries" if stats.get("retries") else ""
     out.print(f"wrote {n} samples to {out_file} (largest fixed-point residual {stats['residual_max']:.2e}{retries})")
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def score(
-    artifact_dir: Path = typer.Argument(...),
+    artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
     data: str = typer.Argument(..., help=".npy/.npz in the dataset's native levels, or digits-test."),
-    backend: str = typer.Option("ort"),
+    backend: str = _backend_option("Backend to score with."),
     out_file: Path | None = typer.Option(None, "--out", help="Per-sample log-likelihoods (.npy)."),
-    json_out: bool = typer.Option(False, "--json"),
-    seed: int = typer.Option(0),
-    batch: int = typer.Option(256),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    seed: int = typer.Option(0, help="Seed of the dequantisation noise and probes (batch by batch)."),
+    batch: int = typer.Option(256, help="Rows per backend call (at most the artifact's largest safe batch)."),
     engine: str = ENGINE,
     address: str | None = ADDRESS,
     workers: int = WORKERS,
     threads: int | None = THREADS,
 ) -> None:
     """Per-sample log-likelihood (nats) and the dataset's bits/dim."""
-    from .runtime.distributed import score_job
-    from .runtime.jobs import check_npy_target, load_score_data
+    from .runtime.jobs import load_score_data, score_job
 
-    options = _ray_options(engine, address, workers)
-    if out_file is not None:
-        check_npy_target(out_file)
     artifact = _open(artifact_dir)
     array = load_score_data(artifact, data)
     with progress() as bar:
         task = bar.add_task(f"score ({engine})", total=len(array), info="")
         log_lik, bpd, report = score_job(
-            artifact, array, backend, seed, batch, engine, threads, options, out_file, lambda k: bar.advance(task, k)
+            artifact,
+            array,
+            backend=backend,
+            seed=seed,
+            batch=batch,
+            engine=engine,
+            threads=threads,
+            options=_ray_options(address, workers),
+            target=out_file,
+            on_progress=lambda k: bar.advance(task, k),
         )
     payload = {"n": len(array), "bits_per_dim": bpd, "mean_log_likelihood_nats": float(log_lik.mean())}
     if engine == "ray":
@@ -499,22 +573,26 @@ def score(
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def triton(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
     repo: Path = typer.Option(..., "--repo", help="Triton model repository to create or add a version to."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime | tensorrt (plans built on the serving host)."),
+    backend: str = typer.Option(
+        "onnxruntime", metavar="onnxruntime|tensorrt", help="onnxruntime | tensorrt (plans built on the serving host)."
+    ),
     max_batch: int | None = typer.Option(None, "--max-batch", help="max_batch_size (default min(256, safe batch))."),
     instances: int = typer.Option(1, help="Model instances per model (instance_group count)."),
     dynamic_batching: bool = typer.Option(False, "--dynamic-batching", help="Let Triton merge requests."),
     queue_delay_us: int = typer.Option(100, "--queue-delay-us", help="Dynamic batching: longest wait for a batch."),
-    kind: str | None = typer.Option(None, help="cpu | gpu instances (default gpu for TensorRT, else cpu)."),
+    kind: str | None = typer.Option(
+        None, metavar="cpu|gpu", help="cpu | gpu instances (default gpu for TensorRT, else cpu)."
+    ),
     ort_tensorrt: bool = typer.Option(
         False, "--ort-tensorrt", help="onnxruntime backend with its TensorRT execution accelerator (GPU)."
     ),
     name: str | None = typer.Option(None, help="Model name prefix (default: the preset): NAME-sample, NAME-density."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="The repository summary as JSON."),
 ) -> None:
     """Write a Triton model repository (sampling + density models); re-running adds a new version."""
     from .exporters.triton import TritonOptions, write_triton_repository
@@ -548,12 +626,12 @@ def triton(
     out.print(f"how to serve and query it: {summary['readme']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def inspect(
     target: Path = typer.Argument(..., help="Artifact directory or a .onnx file."),
     trt: bool = typer.Option(False, "--trt", help="Lint every node against TensorRT's ONNX support (CPU only)."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Node count, op histogram, opset, inputs/outputs, manifest summary; --trt lints for TensorRT."""
     from .errors import CheckFailed
@@ -574,9 +652,12 @@ def render_inspect(report: dict[str, Any]) -> None:
         ops = ", ".join(f"{op} {count}" for op, count in list(graph["ops"].items())[:12])
         out.print(f"[bold]{escape(name)}[/bold]: {graph['nodes']} nodes (incl. loop bodies), opset {graph['opset']}")
         # shapes such as [batch, 2] are text, not rich markup
-        out.print(f"  inputs: {graph['inputs']}\n  outputs: {graph['outputs']}\n  ops: {ops}", markup=False)
+        out.print(
+            f"  inputs: {', '.join(graph['inputs'])}\n  outputs: {', '.join(graph['outputs'])}\n  ops: {ops}",
+            markup=False,
+        )
     if "manifest" in report:
-        out.print(f"manifest: {json.dumps(report['manifest'])}", markup=False)
+        render_manifest(report["manifest"])
     for name, issues in report.get("trt_lint", {}).items():
         if not issues:
             out.print(f"[green]TensorRT lint: {name} clean[/green]")
@@ -589,11 +670,36 @@ def render_inspect(report: dict[str, Any]) -> None:
             )
 
 
-@app.command()
+def render_manifest(manifest: dict[str, Any]) -> None:
+    """The manifest summary of ``inspect``: settings, iteration totals, one row per residual block."""
+    it = manifest["iterations"]
+    out.print(
+        f"[bold]manifest[/bold]: {escape(str(manifest['preset']))}, {manifest['precision']}, "
+        f"log-det {manifest['logdet']}, inverse {manifest['inverse']}, largest safe batch {manifest['max_safe_batch']}"
+    )
+    line = (
+        f"  iterations: exported {it['exported_total']}, calibrated {it['calibrated_total']}, "
+        f"certified {it['certified_total']}"
+    )
+    if "oracle_mean_total" in it:
+        line += f"; per-sample oracle mean {it['oracle_mean_total']:.1f}, max {it['oracle_max_total']:.0f}"
+    out.print(line)
+    if manifest["blocks"]:
+        table = Table(title="residual blocks")
+        for column in ("block", "guarantee", "Lipschitz bound", "iterations"):
+            table.add_column(column)
+        for block in manifest["blocks"]:
+            table.add_row(block["block"], block["guarantee"], _fmt(block["lipschitz_bound"]), str(block["n_iter"]))
+        out.print(table)
+
+
+@app.command(cls=_Command)
 @handle_errors
 def build(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (must match the export's precision)."),
+    precision: str = typer.Option(
+        "fp32", metavar="fp32|fp16|bf16", help="fp32 | fp16 | bf16 (must match the export's precision)."
+    ),
     batch: str = typer.Option("1:64:1024", help="Optimization profile on the batch axis, MIN:OPT:MAX."),
     workspace: int = typer.Option(4096, help="Workspace memory pool limit in MB."),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Timing cache file, reused across builds."),
@@ -616,7 +722,7 @@ def _csv(text: str, kind: type = str) -> list:
         raise BadInput(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}") from None
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def bench(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
@@ -636,7 +742,7 @@ def bench(
     resflow_tol: float | None = typer.Option(
         None, "--resflow-tol", help="Tolerance of the resflow baseline (default: loosest matching our round trip)."
     ),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the benchmark inputs."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Time backends side by side: latency, samples/s, speed-up over eager PyTorch, FLOP/s vs matmul peak."""
@@ -698,11 +804,11 @@ def render_bench(report: dict[str, Any]) -> None:
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 @handle_errors
 def quickstart(
     out_dir: Path = typer.Option(Path("acf-quickstart"), "--out", help="Where the artifact and outputs go."),
-    backend: str = typer.Option("ort", help="Backend for check, sample and score."),
+    backend: str = _backend_option("Backend for check, sample and score."),
     n: int = typer.Option(512, help="Inputs for the parity check."),
 ) -> None:
     """The whole path on the shipped digits-acf-l2: export, check, sample grid, score the test split."""
@@ -722,20 +828,24 @@ def quickstart(
         raise CheckFailed("quickstart parity check failed")
 
 
-experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that test claims, with pre-registered reports.")
+experiment_app = typer.Typer(
+    no_args_is_help=True, cls=_Group, help="Experiments that test claims, with pre-registered reports."
+)
 app.add_typer(experiment_app, name="experiment")
 
 
-@experiment_app.command("paper")
+@experiment_app.command("paper", cls=_Command)
 @handle_errors
 def experiment_paper(
     budget: str = typer.Option(
-        "small", help="small (CI smoke test, about a minute) | full (25 runs, about 75 min on 1 thread)."
+        "small",
+        metavar="small|full",
+        help="small (CI smoke test, about a minute) | full (25 runs, about 75 min on 1 thread).",
     ),
     out_dir: Path = typer.Option(Path("experiments/paper"), "--out", help="Run directory; rerun to resume."),
     seeds: int | None = typer.Option(None, help="Seeds per preset (budget default: full 5, small 2)."),
     threads: int = typer.Option(1, help="torch threads; 2 on an otherwise idle 2-core machine."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="The report path and verdicts as JSON."),
 ) -> None:
     """Test the ACF paper's four claims on digits: 5 presets, one budget, paired seeds; writes REPORT.md."""
     from .experiment import run_experiment

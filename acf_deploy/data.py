@@ -1,4 +1,4 @@
-"""Datasets available offline (DESIGN 6): scikit-learn digits, toy 2D densities, local image files.
+"""Datasets available offline: scikit-learn digits, toy 2D densities, local image files.
 
 Image datasets are returned as integer levels ``(N, C, H, W)`` in ``{0..K-1}`` (``uint8`` or
 ``int64``); dequantisation happens in the likelihood pipeline. Toy data are float points in R^2.
@@ -9,10 +9,14 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 DIGITS_LEVELS = 17
 SPLIT_SEED = 0
@@ -272,3 +276,21 @@ def training_data(config: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         train, test = train.transpose(0, 3, 1, 2), test.transpose(0, 3, 1, 2)
     levels = int(config["n_levels"])
     return as_levels(train, shape, levels), as_levels(test, shape, levels)
+
+
+def to_model_space(
+    batch: np.ndarray, config: dict[str, Any], generator: torch.Generator | None, mid: bool = False
+) -> torch.Tensor:
+    """Levels to dequantised ``[0, 1]`` data for images; float points unchanged for the toy.
+
+    The one entry into the model's data space (docs/guarantees.md §1) for training, export, checks and reports;
+    PyTorch is imported here, so the data readers above stay usable without it.
+    """
+    import torch
+
+    from .flows.layers import dequantize
+
+    tensor = torch.as_tensor(batch)
+    if config["n_levels"]:
+        return dequantize(tensor, config["n_levels"], generator=generator, mid=mid)
+    return tensor.to(torch.get_default_dtype())

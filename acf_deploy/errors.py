@@ -1,4 +1,4 @@
-"""Errors that the CLI maps to its documented exit codes (DESIGN 4)."""
+"""Errors that the CLI maps to its documented exit codes (docs/guarantees.md §7)."""
 
 from __future__ import annotations
 

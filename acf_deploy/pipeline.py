@@ -1,4 +1,9 @@
-"""High-level Python API shared by the CLI: train a preset end to end, with its final report."""
+"""High-level Python API shared by the CLI: train a preset end to end with its final report, and export a
+checkpoint to a verified artifact.
+
+This is where the layers meet: :func:`export_artifact` has the exporter write the artifact and hands it
+the runtime's verification, so neither ``exporters`` nor ``runtime`` imports the other.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,37 @@ from typing import Any
 import numpy as np
 import torch
 
+from .artifact import Artifact
 from .checkpoint import META, save_checkpoint
-from .data import training_data
+from .data import to_model_space, training_data
+from .exporters.export import ExportOptions, write_artifact
 from .fileio import check_output_dir
 from .flows.config import validate_config
 from .flows.flow import Flow
 from .flows.presets import build_flow, preset_config
 from .plots import save_density_plot, save_grid
 from .report import block_report
-from .train import STATE_META, evaluate_bpd, to_model_space, train
+from .runtime.verify import verify_export
+from .train import STATE_META, evaluate_bpd, train
 
 SAMPLE_ITERS = 60
+
+__all__ = ["ExportOptions", "export_artifact", "final_report", "train_preset"]
+
+
+def export_artifact(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    opts: ExportOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Export a checkpoint to a verified artifact directory (``acf-deploy export``).
+
+    The graphs, golden batch and manifest are written into a temporary directory, verified there on ONNX
+    Runtime against the PyTorch outputs (:func:`~acf_deploy.runtime.verify.verify_export`), and only then
+    renamed into place; on any failure nothing is left behind.
+    """
+    return write_artifact(checkpoint, out_dir, opts, verify=verify_export, log=log)
 
 
 def train_preset(

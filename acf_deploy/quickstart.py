@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import is_artifact_dir, open_artifact
-from .exporters.export import export_artifact
 from .fileio import check_output_dir, is_temporary
+from .pipeline import export_artifact
 from .runtime import open_backend
 from .runtime.jobs import load_score_data, sample_to_file, score
 from .runtime.parity import compare_backends

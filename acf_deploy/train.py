@@ -1,4 +1,4 @@
-"""Training: unbiased roulette log-det for images, exact log-det for the toy (DESIGN 5).
+"""Training: unbiased roulette log-det for images, exact log-det for the toy (docs/guarantees.md §4).
 
 The progress bar shows the loss and an unbiased bits/dim estimate (the roulette value, never
 the Neumann gradient surrogate). EMA weights are what gets checkpointed, evaluated and shipped.
@@ -18,24 +18,16 @@ import numpy as np
 import torch
 
 from .checkpoint import load_state, read_tensors, save_checkpoint, save_tensors
-from .data import training_data
+from .data import to_model_space, training_data
 from .errors import BadInput
 from .fileio import write_json
 from .flows.blocks import LogdetSpec
 from .flows.flow import Flow
-from .flows.layers import LogitTransform, bits_per_dim, dequantize
+from .flows.layers import LogitTransform, bits_per_dim
 from .flows.presets import build_flow
 
 STATE_WEIGHTS = "train_state.safetensors"
 STATE_META = "train_state.json"
-
-
-def to_model_space(batch: np.ndarray, config: dict[str, Any], generator: torch.Generator | None, mid: bool = False):
-    """Levels to dequantised ``[0, 1]`` data for images; float points unchanged for the toy."""
-    tensor = torch.as_tensor(batch)
-    if config["n_levels"]:
-        return dequantize(tensor, config["n_levels"], generator=generator, mid=mid)
-    return tensor.to(torch.get_default_dtype())
 
 
 def training_spec(config: dict[str, Any]) -> LogdetSpec:
@@ -136,6 +128,50 @@ def evaluate_bpd(
     return total / count
 
 
+def _resume(
+    flow: Flow, opt: torch.optim.Optimizer, config: dict[str, Any], out_dir: Path
+) -> tuple[dict[str, torch.Tensor], int, list, float]:
+    """Weights, optimizer state and EMA from the last epoch checkpoint: ``(ema, next epoch, history, seconds)``."""
+    meta_path = out_dir / STATE_META
+    if not meta_path.is_file():
+        raise BadInput(f"--resume: {meta_path} is missing; start without --resume")
+    meta = json.loads(meta_path.read_text())
+    changed = _config_changes(meta["config"], config)
+    if changed:
+        raise BadInput(
+            f"--resume: {out_dir} was trained with a different config ({', '.join(changed)}); use a new --out"
+        )
+    tensors = read_tensors(out_dir / STATE_WEIGHTS)
+    load_state(flow, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out_dir / STATE_WEIGHTS)
+    _restore_optimizer(opt, tensors, meta["param_groups"])
+    ema = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
+    return ema, meta["epoch"] + 1, meta["history"], meta["seconds"]
+
+
+def _step(
+    flow: Flow,
+    opt: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    config: dict[str, Any],
+    spec: LogdetSpec,
+    step: int,
+) -> tuple[float, float]:
+    """One optimiser step (warm-up, clipped gradients, EMA): ``(loss, unbiased bits/dim or nll estimate)``."""
+    hp = config["train"]
+    for group in opt.param_groups:
+        group["lr"] = hp["lr"] * min(1.0, (step + 1) / hp["warmup_steps"])
+    out = flow(x, spec)
+    estimate = flow.bits_per_dim(out.log_prob) if config["n_levels"] else -out.log_prob
+    loss = estimate.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(flow.parameters(), hp["grad_clip"])
+    opt.step()
+    _ema_update(ema, flow, hp["ema_decay"])
+    return float(loss.detach()), float(estimate.detach().mean())
+
+
 def train(
     config: dict[str, Any],
     out_dir: str | Path,
@@ -153,22 +189,8 @@ def train(
     opt = torch.optim.Adam(flow.parameters(), lr=hp["lr"])
     steps_per_epoch = math.ceil(len(train_data) / hp["batch_size"])
     start_epoch, history, elapsed = 0, [], 0.0
-
     if resume:
-        meta_path = out_dir / STATE_META
-        if not meta_path.is_file():
-            raise BadInput(f"--resume: {meta_path} is missing; start without --resume")
-        meta = json.loads(meta_path.read_text())
-        changed = _config_changes(meta["config"], config)
-        if changed:
-            raise BadInput(
-                f"--resume: {out_dir} was trained with a different config ({', '.join(changed)}); use a new --out"
-            )
-        tensors = read_tensors(out_dir / STATE_WEIGHTS)
-        load_state(flow, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out_dir / STATE_WEIGHTS)
-        _restore_optimizer(opt, tensors, meta["param_groups"])
-        ema = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
-        start_epoch, history, elapsed = meta["epoch"] + 1, meta["history"], meta["seconds"]
+        ema, start_epoch, history, elapsed = _resume(flow, opt, config, out_dir)
     else:
         init = torch.as_tensor(train_data[np.random.default_rng(seed).permutation(len(train_data))[:512]])
         flow.initialize(to_model_space(init.numpy(), config, torch.Generator().manual_seed(seed)))
@@ -184,21 +206,12 @@ def train(
         sums = {"loss": 0.0, "bpd": 0.0}
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = hp["lr"] * min(1.0, (step + 1) / hp["warmup_steps"])
-            x = to_model_space(train_data[order[i * hp["batch_size"] : (i + 1) * hp["batch_size"]]], config, generator)
-            out = flow(x, spec)
-            estimate = flow.bits_per_dim(out.log_prob) if config["n_levels"] else -out.log_prob
-            loss = estimate.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), hp["grad_clip"])
-            opt.step()
-            _ema_update(ema, flow, hp["ema_decay"])
-            sums["loss"] += float(loss.detach())
-            sums["bpd"] += float(estimate.detach().mean())
+            batch = train_data[order[i * hp["batch_size"] : (i + 1) * hp["batch_size"]]]
+            loss, estimate = _step(flow, opt, ema, to_model_space(batch, config, generator), config, spec, step)
+            sums["loss"] += loss
+            sums["bpd"] += estimate
             if on_step:
-                on_step({"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": float(loss.detach())})
+                on_step({"epoch": epoch, "step": i + 1, "steps": steps_per_epoch, "loss": loss})
         elapsed += time.perf_counter() - started
         record = {"epoch": epoch, "train_estimate": sums["bpd"] / steps_per_epoch, "seconds": elapsed}
         history.append(record)

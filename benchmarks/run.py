@@ -1,4 +1,4 @@
-"""Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/`` (issue 5).
+"""Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/``.
 
 One command, self-contained (no data download, no GPU), about 5-8 minutes on a quiet 2-core CPU::
 
@@ -50,7 +50,7 @@ from acf_deploy.runtime.bench import (  # noqa: E402
 )
 from acf_deploy.runtime.ort_backend import OrtBackend, available_cores  # noqa: E402
 
-LIMIT_ROUNDTRIP_FP32 = 1e-4  # DESIGN 5, data space
+LIMIT_ROUNDTRIP_FP32 = 1e-4  # docs/guarantees.md §5, data space
 
 
 def log(message: str) -> None:
@@ -61,7 +61,7 @@ def log(message: str) -> None:
 def export(checkpoint: Path, out: Path, **options: Any) -> Path:
     import torch
 
-    from acf_deploy.exporters.export import ExportOptions, export_artifact
+    from acf_deploy.pipeline import ExportOptions, export_artifact
 
     started, previous = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # tracing and calibration are many tiny ops: one thread is fastest
@@ -80,7 +80,8 @@ def sample_variant(source: Path, out: Path, inverse: str, counts: list[int] | No
 
     from acf_deploy.checkpoint import load_checkpoint
     from acf_deploy.exporters.graphs import export_sample_loop, export_sample_unrolled
-    from acf_deploy.exporters.optimize import count_nodes, optimize_graph
+    from acf_deploy.exporters.optimize import optimize_graph
+    from acf_deploy.onnx_util import count_nodes
 
     if out.exists():
         shutil.rmtree(out)
@@ -492,7 +493,7 @@ def markdown(results: dict, files: list[str]) -> str:
         f"{digits['bench']['resflow']['search']['slack']}x of the exported sampler's "
         f"({digits['bench']['resflow']['search']['ours_roundtrip']:.2e}).",
         "",
-        "## Targets (issue 5)",
+        "## Targets",
         "",
         table(
             ["target", "measured", "goal", "met"],

@@ -21,8 +21,8 @@ import torch
 
 from acf_deploy.artifact import open_artifact
 from acf_deploy.checkpoint import load_checkpoint
+from acf_deploy.computations import DensityGraph, SampleGraph
 from acf_deploy.errors import AcfError
-from acf_deploy.exporters.graphs import DensityGraph, SampleGraph
 from acf_deploy.runtime import open_backend
 
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from acf_deploy.checkpoint import save_checkpoint
-from acf_deploy.exporters.export import ExportOptions, export_artifact
 from acf_deploy.fileio import sha256_file
 from acf_deploy.flows.presets import build_flow, preset_config
 from acf_deploy.manifest import write_manifest
+from acf_deploy.pipeline import ExportOptions, export_artifact
 from acf_deploy.report import block_report
 
 PRESETS = ("digits-acf-l2", "digits-acf-dp", "digits-resflow", "digits-glow", "digits-glow-acf", "toy-resflow")
@@ -45,8 +45,12 @@ def matrix() -> list[tuple[str, str, str]]:
 
 
 def small_config(name: str) -> dict:
-    overrides = {"blocks": 2, "hidden": 8} if name == "toy-resflow" else {"hidden": 8, "scales": [1, 1]}
-    return preset_config(name, **overrides)
+    """The preset shrunk for tests: same host, scales layout, attention and preprocessing (hidden 8, one
+    residual block per scale; two blocks for the toy flow)."""
+    if name == "toy-resflow":
+        return preset_config(name, blocks=2, hidden=8)
+    scales = [1, 1, 1] if name.startswith("cifar") else [1, 1]
+    return preset_config(name, hidden=8, scales=scales)
 
 
 def make_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:

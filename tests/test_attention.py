@@ -160,7 +160,7 @@ def test_l2_bound_matches_formula_and_dominates_measurement(heads: int):
 
 
 def test_l2_bound_grows_with_square_of_query_weight():
-    """DESIGN 1.2 writes |W_h|^2 |V_h|^2 under the root; measurement breaks that at |W_h| = 30.
+    """An earlier design wrote |W_h|^2 |V_h|^2 under the root; measurement breaks that at |W_h| = 30.
 
     ``W -> a W`` gives ``F_a(X) = a F(a X)``: Lip grows like a^2, so the root needs |W_h|^4.
     """

@@ -17,13 +17,14 @@ from acf_deploy.artifact import open_artifact
 from acf_deploy.checkpoint import load_checkpoint
 from acf_deploy.cli import app
 from acf_deploy.exporters.optimize import weight_only_nodes
-from acf_deploy.runtime.bench import graph_flops, resflow_inverse
+from acf_deploy.runtime.bench import graph_flops
 
 from .export_fixtures import all_graphs
 
 runner = CliRunner()
 
 
+@pytest.mark.slow  # the whole bench: matmul peak, every backend and cell timed
 def test_bench_cli_json_has_every_cell(exports):
     root = exports.artifact("digits-acf-l2")
     args = ["bench", str(root), "--backends", "ort,resflow", "--batch", "1,3", "--what", "sample,density"]
@@ -114,8 +115,8 @@ def test_resflow_baseline_stops_on_its_tolerance_and_inverts(exports):
     flow.bake()
     z = torch.randn(16, flow.dim, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        x_loose, loose = resflow_inverse(flow, z, 1e-2)
-        x_tight, tight = resflow_inverse(flow, z, 1e-7)
+        x_loose, loose = flow.adaptive_inverse(z, 1e-2)
+        x_tight, tight = flow.adaptive_inverse(z, 1e-7)
         reference, _ = flow.inverse(z, 200)
     assert all(a >= 1 for a in loose) and sum(tight) > sum(loose)  # tighter tolerance, more iterations
     assert float((x_tight - reference).abs().max()) < 1e-5

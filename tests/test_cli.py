@@ -317,3 +317,37 @@ def test_sample_peak_memory_does_not_grow_with_n(exports, tmp_path: Path):
     large = _peak_rss_kib(["sample", root, "--n", "100000", "--out", str(tmp_path / "large.npy")])
     assert np.load(tmp_path / "large.npy", mmap_mode="r").shape == (100_000, 2)
     assert large < 1.2 * small, (small, large)
+
+
+# ------------------------------------------------------------------------ the CLI as a new user meets it
+def _commands():
+    """``(name, click command)`` for every command, sub-commands of groups included."""
+    import typer
+
+    def walk(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+        if not hasattr(command, "commands"):
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_version_and_help_on_every_option():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("acf-deploy ")
+    missing = [f"{name} {p.name}" for name, command in _commands() for p in command.params if not p.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", ["check", "sample", "score", "quickstart", "export", "inspect"])
+def test_help_shows_flags_as_flags_and_backend_choices(command: str):
+    from acf_deploy.cli import BACKEND_CHOICES
+    from acf_deploy.runtime import BACKENDS
+
+    assert tuple(BACKENDS) == BACKEND_CHOICES
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+    if "--backend" in result.output:
+        assert "|".join(BACKENDS) in result.output

@@ -1,4 +1,4 @@
-"""The Ray engine (issue 7): bit-identical to the single-process jobs, retried shards, bounded memory.
+"""The Ray engine: bit-identical to the single-process jobs, retried shards, bounded memory.
 
 One local Ray instance (2 CPUs, no dashboard) serves the whole module; every backend uses one ONNX
 Runtime intra-op thread, in the workers and in the single-process reference alike.
@@ -21,8 +21,8 @@ from acf_deploy.cli import app
 from acf_deploy.data import digits_split
 from acf_deploy.errors import BadInput
 from acf_deploy.runtime import open_backend
-from acf_deploy.runtime.distributed import RayOptions, plan_shards, sample_distributed, score_distributed
-from acf_deploy.runtime.jobs import batch_rng, sample_to_file, score, score_batch
+from acf_deploy.runtime.distributed import RayOptions, plan_shards
+from acf_deploy.runtime.jobs import batch_rng, sample_job, sample_to_file, score, score_batch, score_job
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install acf-deploy[distributed])")
 
@@ -67,11 +67,13 @@ def test_batch_randomness_depends_only_on_seed_and_batch(digits, local_scores):
         batch_rng(-1, "score", 0)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_score_equals_single_process_bit_for_bit(cluster, digits, local_scores):
     data = digits_split()[1]
     seen: list[int] = []
-    log_lik, bpd, report = score_distributed(
-        digits, data, seed=3, batch=BATCH, options=RayOptions(workers=2, shard_batches=2), on_progress=seen.append
+    options = RayOptions(workers=2, shard_batches=2)
+    log_lik, bpd, report = score_job(
+        digits, data, seed=3, batch=BATCH, engine="ray", options=options, on_progress=seen.append
     )
     assert report["shards"] == len(plan_shards(len(data), BATCH, 2)) and report["retries"] == 0
     np.testing.assert_array_equal(log_lik, local_scores[0])  # same values, same order
@@ -79,15 +81,17 @@ def test_ray_score_equals_single_process_bit_for_bit(cluster, digits, local_scor
     assert sum(seen) == len(data)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, digits, local_scores, tmp_path):
     data = digits_split()[1]
     marker = tmp_path / "died-on-shard-2"
     events: list[str] = []
     seen: list[int] = []
     options = RayOptions(workers=2, shard_batches=2, fail_once=(2, str(marker)), on_event=events.append)
-    log_lik, bpd, report = score_distributed(
-        digits, data, seed=3, batch=BATCH, options=options, target=tmp_path / "ll.npy", on_progress=seen.append
-    )
+    log_lik, bpd, report = score_job(
+        digits, data, seed=3, batch=BATCH, engine="ray", options=options, target=tmp_path / "ll.npy",
+        on_progress=seen.append,
+    )  # fmt: skip
     assert marker.exists(), "the worker was not killed"
     assert report["retries"] >= 1 and any("shard 2" in e for e in events)
     np.testing.assert_array_equal(np.load(tmp_path / "ll.npy"), local_scores[0])
@@ -95,16 +99,19 @@ def test_killed_worker_shard_is_retried_without_loss_or_duplication(cluster, dig
     assert sum(seen) == len(data)  # every shard counted once
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_sample_equals_single_process(cluster, digits, tmp_path):
     with open_backend("ort", digits, threads=1) as runner:
         local = sample_to_file(runner, digits, 150, tmp_path / "local.npy", 0.9, seed=5, batch=BATCH)
-    stats = sample_distributed(
-        digits, 150, tmp_path / "ray.npy", 0.9, seed=5, batch=BATCH, options=RayOptions(workers=2, shard_batches=1)
+    options = RayOptions(workers=2, shard_batches=1)
+    stats = sample_job(
+        digits, 150, tmp_path / "ray.npy", temperature=0.9, seed=5, batch=BATCH, engine="ray", options=options
     )
     np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), np.load(tmp_path / "local.npy"))
     assert stats["residual_max"] == local["residual_max"] and stats["nonfinite"] == local["nonfinite"] == 0
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_cli_score_engine_ray_matches_local(cluster, digits, tmp_path):
     runner = CliRunner()
     common = [str(digits.root), "digits-test", "--threads", "1", "--batch", str(BATCH), "--json"]
@@ -125,7 +132,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     from acf_deploy.artifact import open_artifact
-    from acf_deploy.runtime.distributed import RayOptions, peak_rss_mb, ray_session, score_distributed
+    from acf_deploy.runtime.distributed import RayOptions, peak_rss_mb, ray_session
+    from acf_deploy.runtime.jobs import score_job
 
     address, root, data_path, out_dir = sys.argv[1:5]
     artifact = open_artifact(root)
@@ -134,8 +142,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     with ray_session(address):
         for n in (10_000, 100_000):
             options = RayOptions(workers=2, shard_batches=2)
-            _, bpd, report = score_distributed(
-                artifact, data[:n], batch=1024, options=options, target=f"{out_dir}/ll-{n}.npy"
+            _, bpd, report = score_job(
+                artifact, data[:n], batch=1024, engine="ray", options=options, target=f"{out_dir}/ll-{n}.npy"
             )
             rows[n] = {"driver": peak_rss_mb(),
                        "worker": report["worker_peak_rss_mb"], "shards": report["shards"]}
@@ -144,6 +152,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_peak_memory_is_bounded_by_the_shard_not_the_rows(cluster, exports, tmp_path):
     """Scoring 100,000 rows peaks less than 20% above scoring 10,000 (toy model, 2,048-row shards),
     for the driver (peak RSS of a fresh subprocess, a high-water mark, so read after each size) and

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from acf_deploy.cli import app
-from acf_deploy.data import digits_split
+from acf_deploy.data import digits_split, to_model_space
 from acf_deploy.experiment import (
     BUDGETS,
     CLAIMS,
@@ -32,7 +32,7 @@ from acf_deploy.experiment import (
     t_interval,
 )
 from acf_deploy.flows.presets import build_flow, preset_config
-from acf_deploy.train import evaluate_bpd, to_model_space
+from acf_deploy.train import evaluate_bpd
 
 runner = CliRunner()
 
@@ -44,6 +44,7 @@ def small_run(tmp_path_factory) -> tuple[Path, object]:
     return out, result
 
 
+@pytest.mark.slow  # the small budget end to end: 10 training runs, scoring, figures
 @pytest.mark.timeout(240)
 def test_small_budget_writes_a_preregistered_report(small_run):
     out, result = small_run
@@ -95,6 +96,7 @@ def test_small_budget_writes_a_preregistered_report(small_run):
     assert blocks and all("gate" in b and "attention_share" in b and b["lipschitz_measured"] > 0 for b in blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_rerun_resumes_and_refuses_another_protocol(small_run):
     out, first = small_run

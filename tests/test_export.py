@@ -1,4 +1,4 @@
-"""Export: ONNX Runtime matches PyTorch for every preset and mode (DESIGN 5), graphs are clean
+"""Export: ONNX Runtime matches PyTorch for every preset and mode (docs/guarantees.md §5), graphs are clean
 (no Det, no random ops, no float64, TensorRT-lint clean, constant-trip Loops), the manifest is
 complete and hashes every file, and a failed export leaves nothing behind.
 
@@ -21,8 +21,8 @@ from acf_deploy.artifact import open_artifact
 from acf_deploy.cli import app
 from acf_deploy.errors import BadInput, CheckFailed
 from acf_deploy.exporters import export as export_module
-from acf_deploy.exporters.export import ExportOptions, export_artifact
 from acf_deploy.exporters.trt_lint import lint_artifact, require_clean
+from acf_deploy.pipeline import ExportOptions, export_artifact
 from acf_deploy.runtime import open_backend
 from acf_deploy.runtime.parity import LIMITS, compare_backends
 
@@ -46,7 +46,7 @@ def test_onnx_runtime_matches_pytorch(exports, preset: str, logdet: str, inverse
     artifact, result = _parity(exports.artifact(preset, logdet, inverse))
     m = result.metrics
     assert result.passed, result.summary()
-    # DESIGN 5, fp32: the binding bits/dim limit, sample and log p in data space, round trips
+    # docs/guarantees.md §5, fp32: the binding bits/dim limit, sample and log p in data space, round trips
     assert m["bits_per_dim_delta"] <= 1e-5
     assert m["sample_max_abs"] <= 1e-4
     assert m["log_prob_max_abs"] <= 1e-3
@@ -237,7 +237,7 @@ def test_bad_export_options_are_bad_input(exports, tmp_path: Path, option: str, 
 
 def test_verify_export_rejects_a_graph_with_wrong_inputs(exports, tmp_path: Path):
     """verify_export's IO check: a density graph whose input was renamed does not count as an export."""
-    from acf_deploy.exporters.export import verify_export
+    from acf_deploy.runtime.verify import verify_export
 
     from .export_fixtures import copy_artifact, rehash
 

@@ -1,4 +1,4 @@
-"""The flow family outside attention internals (issue 2, DESIGN 1, 2, 5).
+"""The flow family outside attention internals (docs/guarantees.md §1 to §5).
 
 * hand-written JVPs == ``torch.func.jvp`` (float64, rtol 1e-10) for every layer and every preset's
   residual branch, on random, baked and briefly trained weights;
@@ -45,6 +45,8 @@ from acf_deploy.flows.lipschitz import LipSwish, SNConv2d, SNLinear
 from acf_deploy.flows.presets import PRESETS, build_flow, preset_config
 from acf_deploy.train import training_spec
 
+from .export_fixtures import small_config
+
 ALL_PRESETS = list(PRESETS)
 RESIDUAL_PRESETS = [name for name in ALL_PRESETS if name != "digits-glow"]  # every preset with a residual step
 DIGITS_PRESETS = [name for name in ALL_PRESETS if name.startswith("digits")]
@@ -52,14 +54,6 @@ JVP_RTOL = 1e-10
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def small_config(name: str) -> dict:
-    """The preset shrunk for tests: same host, scales layout, attention and preprocessing."""
-    if name == "toy-resflow":
-        return preset_config(name, blocks=2, hidden=8)
-    scales = [1, 1, 1] if name.startswith("cifar") else [1, 1]
-    return preset_config(name, hidden=8, scales=scales)
-
-
 def data_batch(config: dict, n: int, seed: int = 0) -> torch.Tensor:
     """Real data in the model's data space: dequantised digits, moons, or uniform levels otherwise."""
     gen = torch.Generator().manual_seed(seed)
@@ -541,7 +535,7 @@ def iteration_counts(flow: Flow, tol: float) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_round_trip(name: str, dtype: torch.dtype):
-    """inverse(forward(x)) in data space and forward(inverse(z)) in z space, DESIGN 5 tolerances."""
+    """inverse(forward(x)) in data space and forward(inverse(z)) in z space, docs/guarantees.md §5 tolerances."""
     tol = 1e-5 if dtype == torch.float64 else 1e-4
     flow, config = small_flow(name, dtype=torch.float64, stress=True)
     flow = bake_(flow.to(dtype), config)

@@ -15,7 +15,7 @@ import torch
 
 from acf_deploy.artifact import open_artifact
 from acf_deploy.checkpoint import load_checkpoint
-from acf_deploy.exporters.graphs import DensityGraph, SampleGraph
+from acf_deploy.computations import DensityGraph, SampleGraph
 from acf_deploy.runtime.parity import LIMITS, load_golden
 
 pytestmark = [

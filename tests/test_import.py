@@ -76,6 +76,7 @@ def _check_density(folder: Path, rows: slice) -> None:
     assert np.abs(bits - ref["bits_per_dim"][rows]).max() <= 1e-6
 
 
+@pytest.mark.slow  # a full D x D Jacobian per input in float64: 40 s to 3 minutes per fixture
 @pytest.mark.parametrize("folder", WITH_EXPECTED, ids=_ids(WITH_EXPECTED))
 def test_exact_logdet_and_bits_per_dim_match_the_reference(folder, float64):
     """The first input here; the exact float64 Jacobian of a block with attention over 784 pixels takes
@@ -328,6 +329,7 @@ def test_import_writes_an_ordinary_checkpoint_with_provenance(imported_resflow):
         assert row["lipschitz_measured"] <= row["lipschitz_certified"] < 1
 
 
+@pytest.mark.slow  # a full export of an imported MNIST-shaped model
 def test_imported_model_exports_checks_and_scores_uint8_images(imported_resflow, tmp_path):
     """export (series log-det, calibrated on the fixture's own test digits) and check at the fp32 limits; score
     takes uint8 N x H x W arrays and IDX files and lands near the reference's own bits/dim on them."""
@@ -354,6 +356,7 @@ def test_imported_model_exports_checks_and_scores_uint8_images(imported_resflow,
     assert abs(scores[0] - float(ref["bits_per_dim"].mean())) < 0.05
 
 
+@pytest.mark.slow  # a full export, calibrated on model samples
 def test_export_without_data_calibrates_on_model_samples(imported_resflow, tmp_path):
     checkpoint, _ = imported_resflow
     artifact = tmp_path / "artifact"

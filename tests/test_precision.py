@@ -1,4 +1,4 @@
-"""fp16 / bf16 exports (DESIGN 5): explicitly cast graphs with fp32 islands, verified honestly.
+"""fp16 / bf16 exports (docs/guarantees.md §5): explicitly cast graphs with fp32 islands, verified honestly.
 
 ONNX Runtime's CPU provider runs fp16 graphs in fp32 arithmetic and has no bf16 kernels, so fp16
 numerics are judged on a per-op rounding emulation of the exported graph, and bf16 is reported
@@ -21,16 +21,15 @@ from typer.testing import CliRunner
 from acf_deploy.artifact import open_artifact
 from acf_deploy.checkpoint import save_checkpoint
 from acf_deploy.cli import app
-from acf_deploy.data import training_data
+from acf_deploy.data import to_model_space, training_data
 from acf_deploy.errors import BadInput
-from acf_deploy.exporters.export import ExportOptions, export_artifact
 from acf_deploy.exporters.trt_lint import errors, lint_model
 from acf_deploy.flows.presets import build_flow, preset_config
+from acf_deploy.pipeline import ExportOptions, export_artifact
 from acf_deploy.report import block_report
 from acf_deploy.runtime.emulate import emulate_rounding
 from acf_deploy.runtime.ort_backend import OrtBackend
 from acf_deploy.runtime.torch_backend import TorchBackend
-from acf_deploy.train import to_model_space
 
 FLOAT, HALF, BF16, DOUBLE = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE
 #: Where the compute is; all of them sit in residual branches here (the logit's Sigmoid stays fp32).

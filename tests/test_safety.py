@@ -41,7 +41,7 @@ from acf_deploy.report import verification_failures
 from acf_deploy.runtime.jobs import load_score_data, score
 
 from .export_fixtures import copy_artifact, small_config
-from .fake_tensorrt import write_artifact
+from .toy_artifact import write_artifact
 
 runner = CliRunner()
 
@@ -432,7 +432,7 @@ def test_a_bug_is_one_line_and_its_traceback_only_under_debug(toy: Path, tmp_pat
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("acf_deploy.runtime.distributed.sample_job", broken)
+    monkeypatch.setattr("acf_deploy.runtime.jobs.sample_job", broken)
     args = ["sample", toy, "--n", 4, "--out", tmp_path / "x.npy"]
     assert_one_error_line(invoke(*args), 4, "internal error, a bug in acf-deploy (ZeroDivisionError")
     debug = invoke("--debug", *args)

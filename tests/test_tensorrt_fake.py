@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from acf_deploy import trt_util
 from acf_deploy.artifact import open_artifact
 from acf_deploy.errors import BackendUnavailable, BadInput, CheckFailed
 from acf_deploy.exporters import tensorrt as trt_export
@@ -25,18 +26,18 @@ from acf_deploy.manifest import write_manifest
 from acf_deploy.runtime import trt_backend
 from acf_deploy.runtime.trt_backend import TrtBackend
 
-from .fake_tensorrt import (
+from .fake_tensorrt import make_fake_tensorrt
+from .toy_artifact import (
     DATA_SHAPE,
     DIM,
     PROBES,
-    make_fake_tensorrt,
     toy_density_reference,
     toy_sample_graph,
     toy_sample_reference,
     write_artifact,
 )
 
-FAKE_GPU = trt_export.DeviceInfo("Fake GPU", "9.0", "13.0", "cpu")
+FAKE_GPU = trt_util.DeviceInfo("Fake GPU", "9.0", "13.0", "cpu")
 
 
 class FakeStream:
@@ -62,8 +63,7 @@ class FakeStream:
 def fake_trt(monkeypatch):
     module = make_fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", module)
-    for target in (trt_export, trt_backend):
-        monkeypatch.setattr(target, "cuda_device", lambda index=0: FAKE_GPU)
+    monkeypatch.setattr(trt_util, "cuda_device", lambda index=0: FAKE_GPU)
     monkeypatch.setattr(trt_backend, "_CudaStream", FakeStream)
     return module
 
@@ -87,17 +87,17 @@ def test_missing_library_is_exit_3(monkeypatch, artifact_dir):
     assert caught.value.exit_code == 3 and "\n" not in str(caught.value)
     with pytest.raises(BackendUnavailable, match="libraries are missing"):
         TrtBackend(open_artifact(artifact_dir))
-    available, reason = trt_export.trt_builder_available()
+    available, reason = trt_util.trt_builder_available()
     assert not available and "libraries are missing" in reason
 
 
 def test_builder_failure_is_exit_3_with_tensorrt_reason(monkeypatch, artifact_dir):
     module = make_fake_tensorrt(builder_error="CUDA initialization failure with error: 35")
     monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(trt_export, "cuda_device", lambda index=0: FAKE_GPU)
+    monkeypatch.setattr(trt_util, "cuda_device", lambda index=0: FAKE_GPU)
     with pytest.raises(BackendUnavailable, match="builder creation failed: CUDA initialization failure"):
         trt_export.build_engines(artifact_dir)
-    assert trt_export.trt_builder_available() == (
+    assert trt_util.trt_builder_available() == (
         False,
         "TensorRT builder creation failed: CUDA initialization failure with error: 35",
     )
@@ -106,7 +106,7 @@ def test_builder_failure_is_exit_3_with_tensorrt_reason(monkeypatch, artifact_di
 def test_no_gpu_and_cuda_init_failure_are_exit_3(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(BackendUnavailable, match="no CUDA support"):
-        trt_export.cuda_device()
+        trt_util.cuda_device()
     monkeypatch.setattr(torch.version, "cuda", "13.0")
 
     def broken_init():
@@ -114,15 +114,15 @@ def test_no_gpu_and_cuda_init_failure_are_exit_3(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "init", broken_init)
     with pytest.raises(BackendUnavailable, match="CUDA initialisation failed: CUDA driver"):
-        trt_export.cuda_device()
+        trt_util.cuda_device()
     monkeypatch.setattr(torch.cuda, "init", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(BackendUnavailable, match="no CUDA GPU 0 is visible"):
-        trt_export.cuda_device()
+        trt_util.cuda_device()
 
 
 def test_builder_available_with_fake(fake_trt):
-    assert trt_export.trt_builder_available() == (
+    assert trt_util.trt_builder_available() == (
         True,
         "TensorRT 10.13.0.35 on Fake GPU (compute capability 9.0)",
     )
@@ -163,7 +163,7 @@ def test_engines_are_recorded_hashed_and_reused(fake_trt, artifact_dir):
 def test_key_changes_with_profile_tensorrt_and_gpu(fake_trt, artifact_dir, monkeypatch):
     keys = [trt_export.build_engines(artifact_dir)["engines"]["sample"]["key"]]
     keys.append(trt_export.build_engines(artifact_dir, batch=(1, 64, 2048))["engines"]["sample"]["key"])
-    monkeypatch.setattr(trt_export, "cuda_device", lambda index=0: trt_export.DeviceInfo("Other", "8.9", "13.0", "cpu"))
+    monkeypatch.setattr(trt_util, "cuda_device", lambda index=0: trt_util.DeviceInfo("Other", "8.9", "13.0", "cpu"))
     keys.append(trt_export.build_engines(artifact_dir)["engines"]["sample"]["key"])
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version="11.4.0.106"))
     keys.append(trt_export.build_engines(artifact_dir)["engines"]["sample"]["key"])

@@ -1,4 +1,4 @@
-"""Real TensorRT engines for the toy artifact, against its numpy reference (DESIGN 5 tolerances).
+"""Real TensorRT engines for the toy artifact, against its numpy reference (docs/guarantees.md §5 tolerances).
 
 Runs only where a TensorRT builder can really be created (GPU + TensorRT libraries); elsewhere every
 test is skipped with the reason :func:`trt_builder_available` gives.
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from acf_deploy.artifact import open_artifact
-from acf_deploy.exporters.tensorrt import build_engines, trt_builder_available
+from acf_deploy.exporters.tensorrt import build_engines
 from acf_deploy.exporters.trt_lint import errors, lint_artifact
 from acf_deploy.runtime.trt_backend import TrtBackend
+from acf_deploy.trt_util import trt_builder_available
 
-from .fake_tensorrt import DATA_SHAPE, DIM, PROBES, toy_density_reference, toy_sample_reference, write_artifact
+from .toy_artifact import DATA_SHAPE, DIM, PROBES, toy_density_reference, toy_sample_reference, write_artifact
 
 AVAILABLE, REASON = trt_builder_available()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(not AVAILABLE, reason=f"no TensorRT builder: {REASON}")]

@@ -1,4 +1,4 @@
-"""Triton model repositories (issue 7): configs parse into Triton's own ModelConfig and match the ONNX
+"""Triton model repositories: configs parse into Triton's own ModelConfig and match the ONNX
 graphs; versions are added, never overwritten; a real tritonserver answers like PyTorch where one runs.
 """
 

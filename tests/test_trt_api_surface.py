@@ -1,6 +1,6 @@
-"""Every TensorRT name our code uses exists in NVIDIA's real API, 10.x and 11.x (issue 4).
+"""Every TensorRT name our code uses exists in NVIDIA's real API, 10.x and 11.x.
 
-The fake in ``fake_tensorrt.py`` could share its author's mistakes, so this test reads our two
+The fake in ``fake_tensorrt.py`` could share its author's mistakes, so this test reads our three
 TensorRT modules with ``ast``, infers which expressions are TensorRT objects (the lazily imported
 module is always called ``trt``; parameters and attributes are annotated ``tensorrt.X``; return
 types come from the stubs) and checks each attribute it reads:
@@ -27,7 +27,7 @@ import pytest
 from . import fake_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["acf_deploy/exporters/tensorrt.py", "acf_deploy/runtime/trt_backend.py"]
+SOURCES = ["acf_deploy/trt_util.py", "acf_deploy/exporters/tensorrt.py", "acf_deploy/runtime/trt_backend.py"]
 MODULE = "M"  # the type of the name ``trt``; other types: "C:X" class X, "I:X" instance, "F:X.m" method, "U" unknown
 
 
@@ -52,7 +52,7 @@ class Use:
 
 
 class _Collector:
-    """Type inference just deep enough to follow TensorRT objects through our two modules."""
+    """Type inference just deep enough to follow TensorRT objects through our three modules."""
 
     def __init__(self, stubs, filename: str):
         self.stubs = stubs

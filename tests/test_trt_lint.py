@@ -1,4 +1,4 @@
-"""The TensorRT lint names the offending node for every construct DESIGN 2 and TensorRT forbid."""
+"""The TensorRT lint names the offending node for every construct docs/guarantees.md §6 and TensorRT forbid."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from acf_deploy.exporters.trt_lint import (
     require_clean,
 )
 
-from .fake_tensorrt import toy_density_graph, toy_sample_graph, write_artifact
+from .toy_artifact import toy_density_graph, toy_sample_graph, write_artifact
 
 F = TensorProto.FLOAT
 

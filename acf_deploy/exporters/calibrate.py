@@ -1,4 +1,4 @@
-r"""Fixed-point iteration counts per residual block, both ways (DESIGN 2).
+r"""Fixed-point iteration counts per residual block, both ways (docs/guarantees.md §3).
 
 * *certified*: the smallest ``n`` with ``L^n / (1 - L) * r0 <= tol`` where ``r0 <= ||g(0)|| + L R``
   and ``R`` bounds ``||y||`` over the inputs the block can receive when sampling: a chi quantile
@@ -79,11 +79,9 @@ def certified_counts(
     blocks = flow.residual_blocks()
     counts, radii, kinds = [0] * len(blocks), [0.0] * len(blocks), ["certified"] * len(blocks)
     radius, empirical = _prior_radius(flow.dim), False
-    index = len(blocks)
-    shape = tuple(flow._latent_shape())  # the shape each layer outputs, walking backwards
-    for layer in reversed(flow.layers):
-        if isinstance(layer, ResidualBlock):
-            index -= 1
+    shape = flow.latent_shape  # the shape each layer outputs, walking backwards
+    for layer, index in flow.inverse_steps():
+        if index is not None:
             lip = layer.contraction()
             g0 = float(layer.g(torch.zeros(1, *prior_inputs[index].shape[1:])).norm())
             if empirical:
@@ -123,16 +121,13 @@ def block_pairs(flow64: Flow, x: torch.Tensor | None, z: torch.Tensor | None, it
                 index += 1
             h = y
     if z is not None:
-        h = z.double().reshape(z.shape[0], *flow64._latent_shape())
-        index = len(pairs)
-        for layer in reversed(flow64.layers):
-            if isinstance(layer, ResidualBlock):
-                index -= 1
-                x_star = layer.solve(h, iters)
-                pairs[index].append((h, x_star))
-                h = x_star
-            else:
-                h = layer.inverse(h)
+
+        def solve(index: int, block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
+            x_star = block.solve(y, iters)
+            pairs[index].append((y, x_star))
+            return x_star
+
+        flow64.invert(z.double(), solve)
     return pairs
 
 
@@ -226,29 +221,24 @@ def per_sample_inverse(flow: Flow, z: torch.Tensor, counts: torch.Tensor) -> tor
     iteration would return the same values) or, with one count for all samples, once the iterates
     alternate between two values, so long certified schedules cost what they change.
     """
-    blocks = flow.residual_blocks()
-    h = z.reshape(z.shape[0], *flow._latent_shape())
-    index = len(blocks)
-    for layer in reversed(flow.layers):
-        if isinstance(layer, ResidualBlock):
-            index -= 1
-            y, x, x_prev, need = h, h, None, counts[:, index]
-            total = int(need.max()) if len(need) else 0
-            uniform = bool((need == total).all())
-            for n in range(total):
-                active = (need > n).view(-1, *([1] * (h.dim() - 1)))
-                x_new = torch.where(active, layer.inverse_step(x, y)[0], x)
-                if torch.equal(x_new, x):
-                    break
-                if uniform and x_prev is not None and torch.equal(x_new, x_prev):
-                    # a 2-cycle at the fp32 floor: the iterate after ``total`` steps follows from the parity
-                    x = x_new if (total - n - 1) % 2 == 0 else x
-                    break
-                x_prev, x = x, x_new
-            h = x
-        else:
-            h = layer.inverse(h)
-    return flow.preprocess.inverse(h) if flow.preprocess is not None else h
+
+    def solve(index: int, block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
+        x, x_prev, need = y, None, counts[:, index]
+        total = int(need.max()) if len(need) else 0
+        uniform = bool((need == total).all())
+        for n in range(total):
+            active = (need > n).view(-1, *([1] * (y.dim() - 1)))
+            x_new = torch.where(active, block.inverse_step(x, y)[0], x)
+            if torch.equal(x_new, x):
+                break
+            if uniform and x_prev is not None and torch.equal(x_new, x_prev):
+                # a 2-cycle at the fp32 floor: the iterate after ``total`` steps follows from the parity
+                x = x_new if (total - n - 1) % 2 == 0 else x
+                break
+            x_prev, x = x, x_new
+        return x
+
+    return flow.invert(z, solve)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""``export``: a checkpoint becomes a verified artifact directory (DESIGN 3).
+"""``export``: a checkpoint becomes a verified artifact directory (docs/guarantees.md §5, §6).
 
 Everything is written into a temporary directory that replaces the target only after the
 graphs loaded in ONNX Runtime, have the declared inputs and outputs, and matched PyTorch on the
@@ -23,17 +23,18 @@ import torch
 from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, Artifact, is_artifact_dir
 from ..checkpoint import META, WEIGHTS, load_checkpoint
-from ..data import heldout_data
+from ..computations import reference_density, reference_sample
+from ..data import heldout_data, to_model_space
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_dir, check_output_dir, sha256_file
 from ..flows.blocks import series_truncation_bound
 from ..flows.cost import sweep_macs_per_sample, widest_per_sample
 from ..flows.flow import Flow
 from ..manifest import write_manifest
+from ..onnx_util import BATCH, count_nodes, io_entries
 from ..report import block_report, bound_failures, measurement_batch, model_samples, verification_failures
-from ..train import to_model_space
 from .calibrate import Calibration, calibrate, roundtrip_errors
-from .graphs import BATCH, density_io, export_density, export_sample_loop, export_sample_unrolled
+from .graphs import export_density, export_sample_loop, export_sample_unrolled
 from .optimize import optimize_graph
 from .precision import (
     HALF_PRECISIONS,
@@ -113,91 +114,123 @@ def _check_options(opts: ExportOptions) -> None:
         raise BadInput("--terms and --probes must be positive and --tol > 0")
 
 
-def export_artifact(
+#: Checks an artifact written into the temporary directory, before it replaces the target: returns the
+#: manifest's ``verification`` record, or raises :class:`CheckFailed`. Exporters never import the runtime:
+#: :func:`acf_deploy.pipeline.export_artifact` hands :func:`acf_deploy.runtime.verify.verify_export` in.
+Verifier = Callable[[Artifact], dict[str, Any]]
+
+
+@dataclass
+class _Prepared:
+    """A baked flow with its held-out data, judged blocks and iteration counts: what tracing and the
+    manifest are made from. ``generator`` is the export's one random stream, used in a fixed order."""
+
+    flow: Flow
+    meta: dict[str, Any]
+    mode: str
+    generator: torch.Generator
+    test: np.ndarray
+    heldout: dict[str, Any]
+    data_x: torch.Tensor
+    prior_z: torch.Tensor
+    blocks: list[dict[str, Any]]
+    cal: Calibration
+    counts: list[int]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta["config"]
+
+
+def write_artifact(
     checkpoint: str | Path,
     out_dir: str | Path,
     opts: ExportOptions | None = None,
+    *,
+    verify: Verifier,
     log: Callable[[str], None] | None = None,
 ) -> Artifact:
-    """Export, verify and atomically write an artifact; returns it opened and hash-checked."""
+    """Export a checkpoint, have ``verify`` check the written artifact, then atomically put it in place.
+
+    Returns the artifact. Most callers want :func:`acf_deploy.pipeline.export_artifact`, which verifies on
+    ONNX Runtime.
+    """
     opts = opts or ExportOptions()
     _check_options(opts)
     check_output_dir(out_dir, is_artifact_dir, ARTIFACT)
     say = log or (lambda _msg: None)
     started = time.perf_counter()
-    flow, meta = load_checkpoint(checkpoint)
-    config = meta["config"]
-    flow.bake()
-    mode = opts.logdet or default_logdet(flow.dim)
-    generator = torch.Generator().manual_seed(opts.seed)
-    n_calibration = calibration_size(flow)
-    test, heldout = _heldout(flow, config, opts, generator, n_calibration)
-    data_x = to_model_space(test[:n_calibration], config, generator)
-    prior_z = calibration_latents(flow.dim, generator, n_calibration)
-
-    say("verifying Lipschitz constants")
-    blocks = _verified_blocks(flow, data_x, prior_z, say)
-    say("calibrating fixed-point iterations")
-    cal = calibrate(flow, data_x, prior_z, opts.tol)
-    counts = _chosen_counts(opts.iters, cal)
+    prepared = _prepare(checkpoint, opts, say)
     timings = {"calibrate_s": time.perf_counter() - started}
-
     say("tracing graphs")
-    t0 = time.perf_counter()
-    example_x, example_z = data_x[:2], prior_z[:2]
-    graph_flow = mixed_precision_flow(flow, opts.precision)  # the flow itself at fp32
-    density = export_density(graph_flow, mode, opts.terms, opts.probes, example_x, opts.opset)
-    exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
-    sample = exporter(graph_flow, counts, example_z, opts.opset)
-    density, sample = (optimize_graph(model) for model in (density, sample))  # fold static shapes, dead code
-    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))  # type-check last
-    if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
-        raise BadInput(
-            f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
-        )
-    timings["trace_s"] = time.perf_counter() - t0
-
-    golden = _golden(flow, mode, opts, counts, config, test, generator)
-    if heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
-        golden["heldout_levels"] = test[:n_calibration]
+    sample, density = _trace(prepared, opts)
+    timings["trace_s"] = time.perf_counter() - started - timings["calibrate_s"]
+    golden = _golden(prepared, opts)
     with atomic_dir(out_dir, is_artifact_dir, ARTIFACT) as tmp:
-        onnx.save(sample, tmp / "sample.onnx")
-        onnx.save(density, tmp / "density.onnx")
-        np.savez(tmp / GOLDEN, **golden)
-        (tmp / CHECKPOINT_DIR).mkdir()
-        source = Path(checkpoint)
-        source = source.parent if source.suffix in (".json", ".safetensors") else source
-        for name in (WEIGHTS, META):
-            shutil.copyfile(source / name, tmp / CHECKPOINT_DIR / name)
-        manifest = _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density)
-        manifest["heldout"] = {**heldout, "calibration_data": len(data_x), "calibration_prior": len(prior_z)}
-        calibrated_rt = roundtrip_errors(flow, cal.calibrated, data_x, prior_z)
-        # the certified schedule is longer (5x on digits, 56x on the full-size MNIST flow) and only
-        # informative: its round trip may cost what the calibrated one did, on at most 32 samples of each kind
-        budget = len(data_x) * sum(cal.calibrated) / max(1, sum(cal.certified))
-        n_cert = max(1, min(32, math.ceil(1.25 * budget)))
-        manifest["roundtrip"] = {
-            "calibrated": calibrated_rt,
-            "certified": roundtrip_errors(flow, cal.certified, data_x[:n_cert], prior_z[:n_cert]),
-            "exported": calibrated_rt if counts == cal.calibrated else roundtrip_errors(flow, counts, data_x, prior_z),
-        }
-        if cal.oracle is not None and cal.oracle.counts.shape[1]:
-            manifest["roundtrip"]["oracle"] = roundtrip_errors(flow, cal.oracle, data_x, prior_z)
+        _write_files(tmp, checkpoint, sample, density, golden)
+        manifest = _manifest(prepared, opts, sample, density)
         manifest["files"] = {
             p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         timings["total_s"] = time.perf_counter() - started
         manifest["export_timings"] = timings
         write_manifest(tmp / MANIFEST, manifest)
-        say("verifying the export on ONNX Runtime")
-        artifact = Artifact(root=tmp, manifest=manifest)
-        verification = verify_export(artifact)
+        say("verifying the export")
+        verification = verify(Artifact(root=tmp, manifest=manifest))
         manifest["verified"] = verification["status"] == "verified"
         manifest["verification"] = verification
         write_manifest(tmp / MANIFEST, manifest)  # hashes the other files; its digest covers itself
         if not manifest["verified"]:
             say(f"unverified: {verification['reason']}")
     return Artifact(root=Path(out_dir), manifest=manifest)
+
+
+def _prepare(checkpoint: str | Path, opts: ExportOptions, say: Callable[[str], None]) -> _Prepared:
+    """Load and bake the flow, draw its held-out data and prior samples, judge its blocks, calibrate."""
+    flow, meta = load_checkpoint(checkpoint)
+    flow.bake()
+    generator = torch.Generator().manual_seed(opts.seed)
+    n_calibration = calibration_size(flow)
+    test, heldout = _heldout(flow, meta["config"], opts, generator, n_calibration)
+    data_x = to_model_space(test[:n_calibration], meta["config"], generator)
+    prior_z = calibration_latents(flow.dim, generator, n_calibration)
+    say("verifying Lipschitz constants")
+    blocks = _verified_blocks(flow, data_x, prior_z, say)
+    say("calibrating fixed-point iterations")
+    cal = calibrate(flow, data_x, prior_z, opts.tol)
+    mode = opts.logdet or default_logdet(flow.dim)
+    counts = _chosen_counts(opts.iters, cal)
+    return _Prepared(flow, meta, mode, generator, test, heldout, data_x, prior_z, blocks, cal, counts)
+
+
+def _trace(prepared: _Prepared, opts: ExportOptions) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """``(sample, density)`` ONNX graphs, optimised and finalised at the export's precision."""
+    flow = mixed_precision_flow(prepared.flow, opts.precision)  # the flow itself at fp32
+    example_x, example_z = prepared.data_x[:2], prepared.prior_z[:2]
+    density = export_density(flow, prepared.mode, opts.terms, opts.probes, example_x, opts.opset)
+    exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
+    sample = exporter(flow, prepared.counts, example_z, opts.opset)
+    density, sample = (optimize_graph(model) for model in (density, sample))  # fold static shapes, dead code
+    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))  # type-check last
+    if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
+        raise BadInput(
+            f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
+        )
+    return sample, density
+
+
+def _write_files(
+    tmp: Path, checkpoint: str | Path, sample: onnx.ModelProto, density: onnx.ModelProto, golden: dict[str, np.ndarray]
+) -> None:
+    """The graphs, the golden batch and a copy of the checkpoint, into the temporary artifact directory."""
+    onnx.save(sample, tmp / "sample.onnx")
+    onnx.save(density, tmp / "density.onnx")
+    np.savez(tmp / GOLDEN, **golden)
+    (tmp / CHECKPOINT_DIR).mkdir()
+    source = Path(checkpoint)
+    source = source.parent if source.suffix in (".json", ".safetensors") else source
+    for name in (WEIGHTS, META):
+        shutil.copyfile(source / name, tmp / CHECKPOINT_DIR / name)
 
 
 def _heldout(
@@ -249,21 +282,22 @@ def _chosen_counts(iters: str, cal: Calibration) -> list[int]:
     return [int(iters)] * len(cal.certified)
 
 
-def _golden(flow, mode, opts, counts, config, test, generator) -> dict[str, np.ndarray]:
+def _golden(prepared: _Prepared, opts: ExportOptions) -> dict[str, np.ndarray]:
     """Seeded inputs and the PyTorch reference outputs, so parity can be checked without PyTorch."""
-    from ..runtime.torch_backend import reference_density, reference_sample
-
-    x = to_model_space(test[np.arange(N_GOLDEN) % len(test)], config, generator).numpy()  # tiled if fewer
+    flow, mode, test, generator = prepared.flow, prepared.mode, prepared.test, prepared.generator
+    x = to_model_space(test[np.arange(N_GOLDEN) % len(test)], prepared.config, generator).numpy()  # tiled if fewer
     z = torch.randn(N_GOLDEN, flow.dim, generator=generator).numpy()
     temperature = np.array([1.0], dtype=np.float32)
     probes = rademacher(N_GOLDEN, opts.probes, flow.dim, opts.seed) if mode == "series" else None
     golden = {"in_z": z, "in_temperature": temperature, "in_x": x}
     if probes is not None:
         golden["in_probes"] = probes
-    for key, value in reference_sample(flow, counts, z, temperature).items():
+    for key, value in reference_sample(flow, prepared.counts, z, temperature).items():
         golden[f"sample_{key}"] = value
     for key, value in reference_density(flow, mode, opts.terms, x, probes).items():
         golden[f"density_{key}"] = value
+    if prepared.heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
+        golden["heldout_levels"] = test[: len(prepared.data_x)]
     return golden
 
 
@@ -274,17 +308,7 @@ def rademacher(batch: int, probes: int, dim: int, seed: int) -> np.ndarray:
 
 
 def _io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
-    def entries(values) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return {"inputs": entries(model.graph.input), "outputs": entries(model.graph.output)}
+    return {"inputs": io_entries(model.graph.input), "outputs": io_entries(model.graph.output)}
 
 
 def max_safe_batch(flow: Flow, mode: str, probes: int, terms: int) -> int:
@@ -302,31 +326,10 @@ def max_safe_batch(flow: Flow, mode: str, probes: int, terms: int) -> int:
     return max(1, int(MEMORY_BUDGET_BYTES // per_sample))
 
 
-def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, density) -> dict[str, Any]:
+def _manifest(prepared: _Prepared, opts: ExportOptions, sample: onnx.ModelProto, density: onnx.ModelProto) -> dict:
+    """The manifest without ``files``, ``export_timings`` and ``verification`` (added as they become known)."""
+    flow, cal, config, meta = prepared.flow, prepared.cal, prepared.config, prepared.meta
     lips = [b.contraction() for b in flow.residual_blocks()]
-    lmax = max(lips) if lips else 0.0
-    logdet = {"mode": mode}
-    if mode == "series":
-        logdet.update(
-            terms=opts.terms,
-            probes=opts.probes,
-            truncation_bound_per_probe=[series_truncation_bound(flow.dim, lip, opts.terms) for lip in lips],
-        )
-    block_rows = []
-    for i, row in enumerate(blocks):
-        block_rows.append(
-            {
-                **row,
-                "index": i,
-                "n_iter": counts[i],
-                "n_iter_certified": cal.certified[i],
-                "n_iter_calibrated": cal.calibrated[i],
-                "radius": cal.radius[i],
-                "radius_kind": cal.bound_kind[i],
-                "calibration_max_abs_error": cal.calibration_error[i],
-                "fp32_floor": cal.fp32_floor[i],
-            }
-        )
     return {
         "format_version": FORMAT_VERSION,
         "preset": config["preset"],
@@ -338,22 +341,27 @@ def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, densi
         "precision": opts.precision,
         "precision_detail": _precision_detail(opts.precision, sample, density),
         "opset": graph_opset(density),  # bf16 raises it to 22 (bfloat16 Conv)
-        "logdet": logdet,
-        "inverse": {"mode": opts.inverse, "iters": str(opts.iters), "tol": opts.tol, "max_lipschitz": lmax},
+        "logdet": _logdet_record(prepared.mode, opts, flow.dim, lips),
+        "inverse": {
+            "mode": opts.inverse,
+            "iters": str(opts.iters),
+            "tol": opts.tol,
+            "max_lipschitz": max(lips, default=0.0),
+        },
         "iterations": {
             "certified_total": sum(cal.certified),
             "calibrated_total": sum(cal.calibrated),
-            "exported_total": sum(counts),
+            "exported_total": sum(prepared.counts),
             **(cal.oracle.summary() if cal.oracle is not None else {}),
         },
         "graphs": {
-            "sample": {"file": "sample.onnx", **_io_spec(sample), "nodes": _count_nodes(sample.graph)},
-            "density": {"file": "density.onnx", **_io_spec(density), "nodes": _count_nodes(density.graph)},
+            "sample": {"file": "sample.onnx", **_io_spec(sample), "nodes": count_nodes(sample.graph)},
+            "density": {"file": "density.onnx", **_io_spec(density), "nodes": count_nodes(density.graph)},
         },
-        "blocks": block_rows,
+        "blocks": _block_rows(prepared),
         "preprocessing": meta.get("preprocessing", {}),
         "training_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k not in ("blocks", "history")},
-        "max_safe_batch": max_safe_batch(flow, mode, opts.probes, opts.terms),
+        "max_safe_batch": max_safe_batch(flow, prepared.mode, opts.probes, opts.terms),
         "export_options": asdict(opts),
         "tools": {
             "acf_deploy": __version__,
@@ -361,18 +369,61 @@ def _manifest(flow, config, meta, mode, opts, cal, counts, blocks, sample, densi
             "onnx": onnx.__version__,
             "python": platform.python_version(),
         },
+        "heldout": {
+            **prepared.heldout,
+            "calibration_data": len(prepared.data_x),
+            "calibration_prior": len(prepared.prior_z),
+        },
+        "roundtrip": _roundtrips(prepared),
     }
 
 
-def _count_nodes(graph: onnx.GraphProto) -> int:
-    """Nodes including those inside Loop bodies."""
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                total += _count_nodes(attr.g)
-    return total
+def _logdet_record(mode: str, opts: ExportOptions, dim: int, lips: list[float]) -> dict[str, Any]:
+    record: dict[str, Any] = {"mode": mode}
+    if mode == "series":
+        record.update(
+            terms=opts.terms,
+            probes=opts.probes,
+            truncation_bound_per_probe=[series_truncation_bound(dim, lip, opts.terms) for lip in lips],
+        )
+    return record
+
+
+def _block_rows(prepared: _Prepared) -> list[dict[str, Any]]:
+    """The judged block rows with each block's iteration counts and calibration facts."""
+    cal = prepared.cal
+    return [
+        {
+            **row,
+            "index": i,
+            "n_iter": prepared.counts[i],
+            "n_iter_certified": cal.certified[i],
+            "n_iter_calibrated": cal.calibrated[i],
+            "radius": cal.radius[i],
+            "radius_kind": cal.bound_kind[i],
+            "calibration_max_abs_error": cal.calibration_error[i],
+            "fp32_floor": cal.fp32_floor[i],
+        }
+        for i, row in enumerate(prepared.blocks)
+    ]
+
+
+def _roundtrips(prepared: _Prepared) -> dict[str, dict[str, float]]:
+    """fp32 round trips with the calibrated, certified, exported (and oracle) iteration counts."""
+    flow, cal, data_x, prior_z = prepared.flow, prepared.cal, prepared.data_x, prepared.prior_z
+    calibrated = roundtrip_errors(flow, cal.calibrated, data_x, prior_z)
+    exported = prepared.counts
+    # the certified schedule is longer (5x on digits, 56x on the full-size MNIST flow) and only informative:
+    # its round trip may cost what the calibrated one did, on at most 32 samples of each kind
+    n_cert = max(1, min(32, math.ceil(1.25 * len(data_x) * sum(cal.calibrated) / max(1, sum(cal.certified)))))
+    record = {
+        "calibrated": calibrated,
+        "certified": roundtrip_errors(flow, cal.certified, data_x[:n_cert], prior_z[:n_cert]),
+        "exported": calibrated if exported == cal.calibrated else roundtrip_errors(flow, exported, data_x, prior_z),
+    }
+    if cal.oracle is not None and cal.oracle.counts.shape[1]:
+        record["oracle"] = roundtrip_errors(flow, cal.oracle, data_x, prior_z)
+    return record
 
 
 HALF_PARTS = (
@@ -392,7 +443,7 @@ FP32_ISLANDS = (
 
 
 def _precision_detail(precision: str, sample: onnx.ModelProto, density: onnx.ModelProto) -> dict[str, Any]:
-    """Which tensors are half, for the manifest (DESIGN 5: never silently fp32)."""
+    """Which tensors are half, for the manifest (docs/guarantees.md §5: never silently fp32)."""
     graphs = {"sample": sample, "density": density}
     detail: dict[str, Any] = {
         "io_dtype": "float32",
@@ -413,59 +464,10 @@ def _precision_detail(precision: str, sample: onnx.ModelProto, density: onnx.Mod
     return detail
 
 
-def verify_export(artifact: Artifact) -> dict[str, Any]:
-    """Loads in ONNX Runtime, is not empty, has the declared IO, and matches the golden outputs.
-
-    Returns the manifest's ``verification`` record. Raises :class:`CheckFailed` when the export is
-    wrong; a precision ONNX Runtime (CPU) cannot run comes back ``"unverified"`` with the reason, and
-    its numbers from per-op rounding emulation, which must still be within the precision's limit.
-    """
-    import onnxruntime
-
-    from ..runtime.ort_backend import OrtBackend
-    from ..runtime.parity import compare_golden
-
-    for graph in ("sample", "density"):
-        model = onnx.load(str(artifact.graph_path(graph)))
-        if not model.graph.node:
-            raise CheckFailed(f"{graph}.onnx is empty")
-        expected = density_io(artifact.logdet_mode)[0] if graph == "density" else ["z", "temperature"]
-        found = [i.name for i in model.graph.input]
-        if found != expected:
-            raise CheckFailed(f"{graph}.onnx has inputs {found}, expected {expected}")
-    precision = artifact.manifest.get("precision", "fp32")
-    runtime = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
-    record: dict[str, Any] = {"runtime": runtime, "against": "golden (fp32 PyTorch)", "precision": precision}
-    with OrtBackend(artifact) as backend:  # half graphs: per-op rounding emulated on the CPU provider
-        result = compare_golden(artifact, backend)
-        runs_natively = backend.unverified_reason is None
-    record.update(metrics=result.metrics, limits=result.limits, method=result.note or "graph run as exported")
-    if result.status == "failed":
-        raise CheckFailed(f"export does not match PyTorch on the golden batch: {result.summary()}")
-    if precision in HALF_PRECISIONS and runs_natively:
-        # The half graph as exported: on the CPU provider this proves it loads and runs, not its accuracy.
-        with OrtBackend(artifact, emulate=False) as native:
-            unemulated = compare_golden(artifact, native)
-        if unemulated.metrics["nonfinite"]:
-            raise CheckFailed(f"the {precision} graph gives non-finite outputs on ONNX Runtime")
-        record["native_metrics"] = unemulated.metrics
-    record["status"] = "verified" if result.status == "passed" else "unverified"
-    record["reason"] = None if result.status == "passed" else result.failures[0]
-    return record
-
-
-def iterations_note(manifest: dict[str, Any]) -> str:
-    it = manifest["iterations"]
-    ratio = it["calibrated_total"] / max(1, it["certified_total"])
-    return f"{it['calibrated_total']} calibrated vs {it['certified_total']} certified iterations ({ratio:.0%})"
-
-
 __all__ = [
     "ExportOptions",
-    "export_artifact",
-    "iterations_note",
+    "Verifier",
+    "write_artifact",
     "max_safe_batch",
     "rademacher",
-    "verify_export",
-    "math",
 ]

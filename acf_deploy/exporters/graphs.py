@@ -1,4 +1,4 @@
-"""The two exported computations as modules, and their ONNX graphs (DESIGN 2, 3).
+"""The ONNX graphs of the two computations of ``acf_deploy/computations.py`` (docs/guarantees.md §3, §6).
 
 ``DensityGraph`` and ``SampleGraph`` are what gets traced; the torch reference backend runs the
 very same modules eagerly, so reference and export share one code path. The sampling graph
@@ -18,45 +18,12 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from ..flows.blocks import LogdetSpec, ResidualBlock
+from ..computations import DensityGraph, SampleGraph, density_io
+from ..flows.blocks import ResidualBlock
 from ..flows.flow import Flow
+from ..onnx_util import BATCH
 
 Tensor = torch.Tensor
-BATCH = "batch"
-
-
-class DensityGraph(nn.Module):
-    """``x[, probes] -> z, log_prob, bits_per_dim[, min_pivot]`` plus traced block outputs when asked."""
-
-    def __init__(self, flow: Flow, mode: str, terms: int = 0, with_trace: bool = False):
-        super().__init__()
-        self.flow, self.mode, self.terms, self.with_trace = flow, mode, terms, with_trace
-
-    def forward(self, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, ...]:
-        trace: list[Tensor] | None = [] if self.with_trace else None
-        out = self.flow(x, LogdetSpec(mode=self.mode, terms=self.terms, probes=probes), trace=trace)
-        outputs = [out.z, out.log_prob, self.flow.bits_per_dim(out.log_prob)]
-        if self.mode == "exact":
-            pivot = out.min_pivot if out.min_pivot is not None else torch.ones_like(out.log_prob)
-            outputs.append(pivot)
-        return tuple(outputs + (trace or []))
-
-
-class SampleGraph(nn.Module):
-    """``z, temperature -> x, residual`` with the fixed-point iterations unrolled."""
-
-    def __init__(self, flow: Flow, n_iters: Sequence[int]):
-        super().__init__()
-        self.flow, self.n_iters = flow, list(n_iters)
-
-    def forward(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow.sample(z, self.n_iters, temperature)
-
-
-def density_io(mode: str, n_blocks_traced: int = 0) -> tuple[list[str], list[str]]:
-    inputs = ["x", "probes"] if mode == "series" else ["x"]
-    outputs = ["z", "log_prob", "bits_per_dim"] + (["min_pivot"] if mode == "exact" else [])
-    return inputs, outputs + [f"trace_{i}" for i in range(n_blocks_traced)]
 
 
 def _export(
@@ -177,7 +144,14 @@ def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Te
     if mode == "series":
         args = (example, torch.ones(example.shape[0], n_probes, flow.dim, dtype=example.dtype))
     model = _export(module, args, inputs, outputs, _axes(*inputs, *outputs), opset, lu_marker=mode == "exact")
-    kept = [o for o in model.graph.output if not o.name.startswith("trace_")]
+    # every output is per sample; z is [batch, D], where the tracer would name D ``Flattenz_dim_1``
+    kept = [
+        helper.make_tensor_value_info(
+            o.name, o.type.tensor_type.elem_type, [BATCH, flow.dim] if o.name == "z" else [BATCH]
+        )
+        for o in model.graph.output
+        if not o.name.startswith("trace_")
+    ]
     del model.graph.output[:]
     model.graph.output.extend(kept)
     if mode == "series" and "probes" not in {i.name for i in model.graph.input}:
@@ -250,117 +224,124 @@ def _iterate_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: lis
 
 def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
     """Sampling graph with one ONNX ``Loop`` per residual block, stitched from traced pieces."""
-    dtype = TensorProto.FLOAT
-    batch = example_z.shape[0]
-    nodes: list = []
-    inits: list = []
-    steps: list[str] = []
-    latent = flow._latent_shape()
+    builder = _LoopSampler(flow, opset, example_z)
     counts = list(n_iters)
+    for layer, index in flow.inverse_steps():
+        if index is None:
+            builder.plain.append(layer)
+        else:
+            builder.flush()
+            builder.block(layer, index, counts[index])
+    builder.flush()
+    return builder.finish()
 
-    def head(z: Tensor, temperature: Tensor) -> tuple[Tensor]:
-        return ((z * temperature).reshape(z.shape[0], *latent),)
 
-    temperature = torch.ones(1, dtype=example_z.dtype)
-    piece = _export(_Fn(head, flow), (example_z, temperature), ["z", "temperature"], ["h"], _axes("z", "h"), opset)
-    current = "h0"
-    _inline(nodes, inits, piece, "head/", {"z": "z", "temperature": "temperature", "h": current})
-    h = torch.zeros(batch, *latent, dtype=example_z.dtype)
-    plain: list[nn.Module] = []
+class _LoopSampler:
+    """The state of :func:`export_sample_loop` while it stitches the graph, one traced piece at a time.
 
-    def flush(example: Tensor) -> Tensor:
-        """Export the pending non-residual inverses as one piece; returns the example pushed through it."""
-        nonlocal current
-        if not plain:
-            return example
-        layers = list(plain)
+    ``current`` names the value the next piece reads; ``example`` is a tensor of its shape (the pieces are
+    traced on it); ``plain`` holds closed-form layers waiting to be exported as one segment; ``steps``
+    names each block's last fixed-point step norm, whose maximum is the ``residual`` output.
+    """
+
+    def __init__(self, flow: Flow, opset: int, example_z: Tensor):
+        self.flow, self.opset, self.dtype = flow, opset, TensorProto.FLOAT
+        self.nodes: list = []
+        self.inits: list = []
+        self.steps: list[str] = []
+        self.plain: list[nn.Module] = []
+        latent = flow.latent_shape
+
+        def head(z: Tensor, temperature: Tensor) -> tuple[Tensor]:
+            return ((z * temperature).reshape(z.shape[0], *latent),)
+
+        temperature = torch.ones(1, dtype=example_z.dtype)
+        piece = self._trace(head, flow, (example_z, temperature), ["z", "temperature"], ["h"])
+        self.current = "h0"
+        _inline(self.nodes, self.inits, piece, "head/", {"z": "z", "temperature": "temperature", "h": self.current})
+        self.example = torch.zeros(example_z.shape[0], *latent, dtype=example_z.dtype)
+
+    def _trace(self, fn: Callable, owner: nn.Module, args: tuple, inputs: list[str], outputs: list[str]):
+        piece = _export(_Fn(fn, owner), args, inputs, outputs, _axes(*inputs, *outputs), self.opset)
+        self.ir_version = piece.ir_version
+        return piece
+
+    def flush(self) -> None:
+        """Export the pending closed-form inverses as one segment and move ``current`` past it."""
+        if not self.plain:
+            return
+        layers = list(self.plain)
 
         def run(x: Tensor) -> tuple[Tensor]:
             for layer in layers:
                 x = layer.inverse(x)
             return (x,)
 
-        out, prefix = f"seg{len(nodes)}_out", f"seg{len(nodes)}/"
-        piece = _export(_Fn(run, flow), (example,), ["h_in"], ["h_out"], _axes("h_in", "h_out"), opset)
-        _inline(nodes, inits, piece, prefix, {"h_in": current, "h_out": out})
-        plain.clear()
-        current = out
+        out, prefix = f"seg{len(self.nodes)}_out", f"seg{len(self.nodes)}/"
+        piece = self._trace(run, self.flow, (self.example,), ["h_in"], ["h_out"])
+        _inline(self.nodes, self.inits, piece, prefix, {"h_in": self.current, "h_out": out})
+        self.plain.clear()
+        self.current = out
         with torch.no_grad():
-            return run(example)[0]
+            self.example = run(self.example)[0]
 
-    block_index = len(flow.residual_blocks())
-    for layer in reversed(flow.layers):
-        if not isinstance(layer, ResidualBlock):
-            plain.append(layer)
-            continue
-        h = flush(h)
-        block_index -= 1
-        prefix = f"block{block_index}/"
-        # The Loop runs n - 1 plain steps ``x <- y - g(x)``; the last step, outside it, also gives the step
-        # norm, so no iteration computes a norm nobody reads.
-        step = _export(
-            _Fn(layer.inverse_step, layer),
-            (h, h),
-            ["x", "y"],
-            ["x_new", "step"],
-            _axes("x", "y", "x_new", "step"),
-            opset,
-        )
-        y = current
-        n_iter = counts[block_index]
+    def block(self, layer: ResidualBlock, index: int, n_iter: int) -> None:
+        """Residual block ``index`` inverted by ``n_iter`` fixed-point steps.
+
+        A ``Loop`` runs ``n_iter - 1`` plain steps ``x <- y - g(x)``; the last step, outside it, also gives
+        the step norm, so no iteration computes a norm nobody reads.
+        """
+        prefix, y, h = f"block{index}/", self.current, self.example
         out_x, out_step = f"{prefix}x", f"{prefix}step"
         x_start = y
         if n_iter > 1:
-            plain_step = _export(
-                _Fn(lambda x, y, layer=layer: (layer.inverse_step(x, y)[0],), layer),
-                (h, h),
-                ["x", "y"],
-                ["x_new"],
-                _axes("x", "y", "x_new"),
-                opset,
-            )
-            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], dtype)
+            plain_step = self._trace(lambda x, y: (layer.inverse_step(x, y)[0],), layer, (h, h), ["x", "y"], ["x_new"])
+            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], self.dtype)
             trip, x_start = f"{prefix}trip_count", f"{prefix}x_loop"
-            inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_iter - 1]))
-            nodes.append(helper.make_node("Loop", [trip, "", y], [x_start], body=body, name=f"{prefix}loop"))
+            self.inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_iter - 1]))
+            self.nodes.append(helper.make_node("Loop", [trip, "", y], [x_start], body=body, name=f"{prefix}loop"))
         if n_iter >= 1:
-            _inline(nodes, inits, step, f"{prefix}last/", {"x": x_start, "y": y, "x_new": out_x, "step": out_step})
+            step = self._trace(layer.inverse_step, layer, (h, h), ["x", "y"], ["x_new", "step"])
+            rename = {"x": x_start, "y": y, "x_new": out_x, "step": out_step}
+            _inline(self.nodes, self.inits, step, f"{prefix}last/", rename)
         else:
-            nodes.append(helper.make_node("Identity", [y], [out_x]))
-            nodes += _zeros_per_sample(current, out_step, prefix, dtype)
-        steps.append(out_step)
-        current = out_x
+            self.nodes.append(helper.make_node("Identity", [y], [out_x]))
+            self.nodes += _zeros_per_sample(y, out_step, prefix, self.dtype)
+        self.steps.append(out_step)
+        self.current = out_x
 
-    h = flush(h)
-    if flow.preprocess is not None:
-        tail = _Fn(lambda y: (flow.preprocess.inverse(y),), flow)
-        piece = _export(tail, (h,), ["h_in"], ["h_out"], _axes("h_in", "h_out"), opset)
-        _inline(nodes, inits, piece, "tail/", {"h_in": current, "h_out": "x"})
-    else:
-        nodes.append(helper.make_node("Identity", [current], ["x"]))
-    if len(steps) > 1:
-        nodes.append(helper.make_node("Max", steps, ["residual"]))
-    elif steps:
-        nodes.append(helper.make_node("Identity", steps, ["residual"]))
-    else:
-        nodes += _zeros_per_sample("z", "residual", "noloop/", dtype)
-
-    graph = helper.make_graph(
-        nodes,
-        "acf_sample",
-        [
-            helper.make_tensor_value_info("z", dtype, [BATCH, flow.dim]),
-            helper.make_tensor_value_info("temperature", dtype, [1]),
-        ],
-        [
-            helper.make_tensor_value_info("x", dtype, [BATCH, *flow.data_shape]),
-            helper.make_tensor_value_info("residual", dtype, [BATCH]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="acf-deploy")
-    model.ir_version = piece.ir_version
-    return model
+    def finish(self) -> onnx.ModelProto:
+        """The preprocessing inverse, the ``residual`` output, and the model."""
+        flow, nodes, dtype = self.flow, self.nodes, self.dtype
+        if flow.preprocess is not None:
+            piece = self._trace(lambda y: (flow.preprocess.inverse(y),), flow, (self.example,), ["h_in"], ["h_out"])
+            _inline(nodes, self.inits, piece, "tail/", {"h_in": self.current, "h_out": "x"})
+        else:
+            nodes.append(helper.make_node("Identity", [self.current], ["x"]))
+        if len(self.steps) > 1:
+            nodes.append(helper.make_node("Max", self.steps, ["residual"]))
+        elif self.steps:
+            nodes.append(helper.make_node("Identity", self.steps, ["residual"]))
+        else:
+            nodes += _zeros_per_sample("z", "residual", "noloop/", dtype)
+        graph = helper.make_graph(
+            nodes,
+            "acf_sample",
+            [
+                helper.make_tensor_value_info("z", dtype, [BATCH, flow.dim]),
+                helper.make_tensor_value_info("temperature", dtype, [1]),
+            ],
+            [
+                helper.make_tensor_value_info("x", dtype, [BATCH, *flow.data_shape]),
+                helper.make_tensor_value_info("residual", dtype, [BATCH]),
+            ],
+            initializer=self.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="acf-deploy"
+        )
+        model.ir_version = self.ir_version
+        return model
 
 
 def _axes(*names: str) -> dict[str, dict[int, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,23 +9,11 @@ from typing import Any
 import onnx
 
 from ..errors import BadInput
-
-
-def _ops(graph: onnx.GraphProto, counter: Counter) -> Counter:
-    for node in graph.node:
-        counter[node.op_type] += 1
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _ops(attr.g, counter)
-    return counter
+from ..onnx_util import io_entries, op_counts
 
 
 def _io(values) -> list[str]:
-    return [
-        f"{v.name} {onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}"
-        f"[{', '.join(str(d.dim_param or d.dim_value) for d in v.type.tensor_type.shape.dim)}]"
-        for v in values
-    ]
+    return [f"{e['name']} {e['dtype']}[{', '.join(str(d) for d in e['shape'])}]" for e in io_entries(values)]
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -34,7 +21,7 @@ def describe(path: Path) -> dict[str, Any]:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends
         raise BadInput(f"{path} is not a readable ONNX file ({exc.__class__.__name__})") from None
-    ops = _ops(model.graph, Counter())
+    ops = op_counts(model.graph)
     return {
         "nodes": sum(ops.values()),
         "top_level_nodes": len(model.graph.node),

@@ -1,4 +1,4 @@
-"""ONNX graph clean-up after tracing: graphs that do no work twice (DESIGN 2, issue 5).
+"""ONNX graph clean-up after tracing: graphs that do no work twice (docs/guarantees.md §6).
 
 The TorchScript tracer records every ``tensor.shape`` read as ``Shape -> Gather -> Unsqueeze ->
 Concat -> Reshape`` chains, because the batch axis is dynamic. Inside a fixed-point ``Loop`` body
@@ -17,109 +17,25 @@ weight-only nodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper, shape_inference
+from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
+
+from .. import onnx_util
+from ..onnx_util import infer_shapes, subgraphs, value_types
 
 __all__ = [
     "constants_to_initializers",
-    "count_nodes",
     "dead_code_elimination",
     "dense_small_convs",
     "drop_softmax_shifts",
     "fold_scalar_scales",
     "fold_static_shapes",
     "fold_weight_only",
-    "infer_shapes",
     "optimize_graph",
     "share_initializers",
-    "value_types",
     "weight_only_nodes",
 ]
-
-SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant", "Identity"}
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterable[GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def count_nodes(graph: GraphProto) -> int:
-    """Nodes including those inside subgraphs (``Loop`` bodies)."""
-    return sum(1 + sum(count_nodes(g) for g in _subgraphs(n)) for n in graph.node)
-
-
-def infer_shapes(model: ModelProto, batch: int | None = None) -> ModelProto:
-    """Shape inference with data propagation; with ``batch`` the dynamic batch axis of every graph input
-    is fixed to that size first. Loop-carried outputs, which ONNX leaves unknown, take the shape of
-    the corresponding loop inputs (the exporter keeps loop-carried shapes fixed)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    if batch is not None:
-        for value in model.graph.input:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].dim_param:
-                dims[0].dim_value = batch
-        for value in model.graph.output:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].dim_param:
-                dims[0].dim_value = batch
-    _carry_loop_shapes(model.graph)  # declared body outputs give the loop outputs' shapes up front
-    for _ in range(16):
-        model = shape_inference.infer_shapes(model, data_prop=True)
-        if not _carry_loop_shapes(model.graph):
-            break
-    return model
-
-
-def value_types(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> dict[str, onnx.TypeProto]:
-    """Every value's declared type in ``graph`` (inputs, value_info, outputs, initializers) over ``outer``'s."""
-    types = dict(outer or {})
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        types[value.name] = value.type
-    for init in graph.initializer:
-        types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
-    return types
-
-
-def _known(t: onnx.TypeProto | None) -> bool:
-    return (
-        t is not None
-        and t.tensor_type.HasField("shape")
-        and all(d.HasField("dim_value") or d.dim_param for d in t.tensor_type.shape.dim)
-    )
-
-
-def _carry_loop_shapes(graph: GraphProto, outer: dict[str, onnx.TypeProto] | None = None) -> bool:
-    """Give ``Loop`` carried outputs the shapes of their inputs; True when anything was added."""
-    types = value_types(graph, outer)
-    added = False
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            added |= _carry_loop_shapes(sub, types)
-        if node.op_type != "Loop":
-            continue
-        carried_in = list(node.input[2:])
-        body = next(_subgraphs(node))
-        declared = [o.type for o in body.output[1 : 1 + len(carried_in)]]  # after the condition
-        for name_in, name_out, body_type in zip(carried_in, node.output, declared, strict=False):
-            source = body_type if _known(body_type) else types.get(name_in)
-            if not _known(types.get(name_out)) and _known(source):
-                graph.value_info.append(onnx.ValueInfoProto(name=name_out, type=source))
-                types[name_out] = source
-                added = True
-    return added
-
-
-def _dims(t: onnx.TypeProto | None) -> list[int | str | None] | None:
-    if t is None or not t.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
 
 
 Partial = list  # a small int64 vector whose entries are ints or symbolic dimension names (str) or None
@@ -148,7 +64,7 @@ def _partial_values(
         if node.op_type == "Constant" and "value" in attrs:
             out = _int_constant(attrs["value"])
         elif node.op_type == "Shape":
-            dims = _dims(types.get(node.input[0]))
+            dims = onnx_util.dims(types.get(node.input[0]))
             if dims is not None:
                 start, end = attrs.get("start", 0), attrs.get("end", len(dims))
                 out = dims[start:end]
@@ -231,10 +147,10 @@ def _static_target(
     node: onnx.NodeProto, types: dict[str, onnx.TypeProto], values: dict[str, Partial]
 ) -> list[int] | None:
     """A constant target for a Reshape/Expand whose output is static except one dynamic (batch) axis."""
-    inp = _dims(types.get(node.input[0]))
+    inp = onnx_util.dims(types.get(node.input[0]))
     if inp is None:
         return None
-    out = _dims(types.get(node.output[0]))
+    out = onnx_util.dims(types.get(node.output[0]))
     partial = values.get(node.input[1])
     if node.op_type == "Reshape" and partial is not None:
         out = _reshape_output(inp, partial) or out
@@ -287,7 +203,7 @@ def _fold_targets(
     constants = {i.name for i in graph.initializer}
     replaced = 0
     for index, node in enumerate(graph.node):
-        for sub, sub_inferred in zip(_subgraphs(node), _subgraphs(inferred.node[index]), strict=True):
+        for sub, sub_inferred in zip(subgraphs(node), subgraphs(inferred.node[index]), strict=True):
             replaced += _fold_targets(sub, sub_inferred, types, values)
         if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
             continue
@@ -307,7 +223,7 @@ def _used_names(graph: GraphProto) -> set[str]:
     used = set()
     for node in graph.node:
         used.update(n for n in node.input if n)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             used |= _used_names(sub)
     return used
 
@@ -320,7 +236,7 @@ def dead_code_elimination(model: ModelProto) -> ModelProto:
 
 def _dce(graph: GraphProto, keep: set[str] | None = None) -> None:
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _dce(sub, {o.name for o in sub.output})
     needed = {o.name for o in graph.output} | (keep or set())
     kept: list[onnx.NodeProto] = []
@@ -328,7 +244,7 @@ def _dce(graph: GraphProto, keep: set[str] | None = None) -> None:
         if any(o in needed for o in node.output) or node.op_type == "Loop" and not node.output:
             kept.append(node)
             needed.update(n for n in node.input if n)
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 needed |= _used_names(sub)
     kept.reverse()
     del graph.node[:]
@@ -357,7 +273,7 @@ def _weight_only(graph: GraphProto, outer_constants: set[str], path: str, found:
         if node.op_type == "Constant":
             constants.update(node.output)
             continue
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _weight_only(sub, constants, f"{path}/{node.name or node.op_type}", found)
         if node.op_type == "Loop":
             continue
@@ -374,7 +290,7 @@ def fold_weight_only(model: ModelProto) -> int:
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         inputs = [n for n in node.input if n]
-        if node.op_type != "Constant" and inputs and all(n in constants for n in inputs) and not list(_subgraphs(node)):
+        if node.op_type != "Constant" and inputs and all(n in constants for n in inputs) and not list(subgraphs(node)):
             values = _evaluate(node, [constants[n] for n in inputs], model)
             if values is not None:
                 for name, value in zip(node.output, values, strict=True):
@@ -416,7 +332,7 @@ def constants_to_initializers(model: ModelProto) -> int:
         nonlocal moved
         kept = []
         for node in g.node:
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 visit(sub)
             value = (
                 next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
@@ -461,7 +377,7 @@ def share_initializers(model: ModelProto) -> int:
     def apply(g: GraphProto) -> None:
         for node in g.node:
             node.input[:] = [rename.get(n, n) for n in node.input]
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 apply(sub)
 
     apply(graph)
@@ -538,7 +454,7 @@ def _dense_convs(graph: GraphProto, inferred: GraphProto, outer, scopes: list, r
     nodes: list[onnx.NodeProto] = []
     done = 0
     for index, node in enumerate(graph.node):
-        for sub, sub_inferred in zip(_subgraphs(node), _subgraphs(inferred.node[index]), strict=True):
+        for sub, sub_inferred in zip(subgraphs(node), subgraphs(inferred.node[index]), strict=True):
             done += _dense_convs(sub, sub_inferred, types, scopes, ratio)
         replacement = _conv_as_gemm(node, types, scopes, ratio, graph) if node.op_type == "Conv" else None
         if replacement is None:
@@ -554,7 +470,7 @@ def _dense_convs(graph: GraphProto, inferred: GraphProto, outer, scopes: list, r
 def _conv_as_gemm(node, types, scopes, ratio, graph) -> list | None:
     weight = _constant_array(node.input[1], scopes)
     bias = _constant_array(node.input[2], scopes) if len(node.input) > 2 and node.input[2] else None
-    dims = _dims(types.get(node.input[0]))
+    dims = onnx_util.dims(types.get(node.input[0]))
     if weight is None or weight.ndim != 4 or dims is None or len(dims) != 4:
         return None
     if (len(node.input) > 2 and node.input[2] and bias is None) or not all(isinstance(d, int) for d in dims[1:]):
@@ -606,7 +522,7 @@ def _consumers(graph: GraphProto) -> dict[str, list[onnx.NodeProto]]:
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             for name in _used_names(sub):
                 users.setdefault(name, []).append(node)
     return users
@@ -635,7 +551,7 @@ def _fold_scales(graph: GraphProto, scopes: list) -> int:
     scopes = [*scopes, {i.name: i for i in graph.initializer}]
     done = 0
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             done += _fold_scales(sub, scopes)
     state = _FoldState(graph, scopes)
     for node in list(graph.node):
@@ -691,7 +607,7 @@ class _FoldState:
             if name in self.outputs:
                 return False
             for user in self.users.get(name, []):
-                if list(_subgraphs(user)):
+                if list(subgraphs(user)):
                     return False
                 if user.op_type in _MOVES and user.input[0] == name:
                     stack.append(user.output[0])
@@ -751,14 +667,14 @@ def _drop_shifts(graph, inferred, outer, scopes) -> int:
     scopes = [*scopes, {i.name: i for i in graph.initializer}]
     done = 0
     for index, node in enumerate(graph.node):
-        for sub, sub_inferred in zip(_subgraphs(node), _subgraphs(inferred.node[index]), strict=True):
+        for sub, sub_inferred in zip(subgraphs(node), subgraphs(inferred.node[index]), strict=True):
             done += _drop_shifts(sub, sub_inferred, types, scopes)
     users = _consumers(graph)
     producers = {o: n for n in graph.node for o in n.output}
     for node in list(graph.node):
         if node.op_type != "Softmax":
             continue
-        rank = len(_dims(types.get(node.input[0])) or [])
+        rank = len(onnx_util.dims(types.get(node.input[0])) or [])
         axis = _attr(node, "axis", -1)
         if rank == 0 or axis not in (-1, rank - 1):
             continue
@@ -777,8 +693,8 @@ def _drop_shifts(graph, inferred, outer, scopes) -> int:
                     continue
                 break
             if producer.op_type in ("Sub", "Add"):
-                a, b = (_dims(types.get(i)) for i in producer.input)
-                out = _dims(types.get(producer.output[0]))
+                a, b = (onnx_util.dims(types.get(i)) for i in producer.input)
+                out = onnx_util.dims(types.get(producer.output[0]))
                 if a is None or b is None or out is None or len(b) == 0 or out[-1] == 1:
                     break
                 if b[-1] == 1 and a == out:  # the second operand is constant along the softmax axis

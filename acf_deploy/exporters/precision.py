@@ -1,4 +1,4 @@
-r"""Reduced-precision exports: an explicitly cast graph with fp32 islands (DESIGN 5).
+r"""Reduced-precision exports: an explicitly cast graph with fp32 islands (docs/guarantees.md §5).
 
 A ``fp16``/``bf16`` export is traced from a *mixed-precision view* of the flow, not converted after
 the fact, so every cast is written in the model code and every tensor type in the graph is one we

@@ -1,4 +1,4 @@
-"""Compile an artifact's ONNX graphs to TensorRT engines (DESIGN 3, issue 4).
+"""Compile an artifact's ONNX graphs to TensorRT engines.
 
 One precision path for TensorRT 10 and 11: the network is created strongly typed, so every tensor's
 type comes from the exported graph. TensorRT 11 removed the weak-typing flags (``BuilderFlag.FP16``
@@ -6,7 +6,7 @@ and friends) and ignores ``STRONGLY_TYPED``; 10.x needs the flag to opt in. fp16
 therefore need an artifact exported at that precision, and a build that would silently be fp32 fails.
 
 Engines are cached under ``engines/<key>/`` where the key hashes everything that makes a plan valid
-(DESIGN 3); a matching engine is reused, and the timing cache is shared across builds.
+(graph, profile, precision, TensorRT version, GPU, CUDA); a matching engine is reused, and the timing cache is shared across builds.
 TensorRT is imported lazily: where it cannot run, one :class:`BackendUnavailable` line says why.
 """
 
@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from .. import trt_util
 from ..artifact import MANIFEST, Artifact, open_artifact
-from ..errors import BackendUnavailable, BadInput, CheckFailed
+from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_path, check_output_file, check_writable
 from ..manifest import write_manifest
+from ..trt_util import DeviceInfo, TrtLogger
 
 if TYPE_CHECKING:
     import tensorrt
@@ -37,13 +38,6 @@ __all__ = [
     "PRECISIONS",
     "DEFAULT_BATCH",
     "DEFAULT_WORKSPACE_MB",
-    "DeviceInfo",
-    "import_tensorrt",
-    "cuda_device",
-    "TrtLogger",
-    "make_logger",
-    "create_builder",
-    "trt_builder_available",
     "parse_batch",
     "build_engines",
 ]
@@ -52,101 +46,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_BATCH = (1, 64, 1024)
 DEFAULT_WORKSPACE_MB = 4096
 ENGINES_DIR = "engines"
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """The GPU an engine is built for or run on; part of the engine key."""
-
-    name: str
-    compute_capability: str
-    cuda: str
-    torch_device: str
-
-
-def import_tensorrt() -> ModuleType:
-    """Import TensorRT, or say in one line that its libraries are missing."""
-    try:
-        return importlib.import_module("tensorrt")
-    except (ImportError, OSError) as exc:
-        raise BackendUnavailable(
-            f"TensorRT libraries are missing ({exc}); install tensorrt or use the acf-deploy Docker image"
-        ) from None
-
-
-def cuda_device(index: int = 0) -> DeviceInfo:
-    """Describe CUDA device ``index`` through PyTorch, or say why there is none."""
-    import torch
-
-    if torch.version.cuda is None:
-        raise BackendUnavailable("TensorRT needs a CUDA GPU, but this PyTorch build has no CUDA support")
-    try:
-        torch.cuda.init()
-    except Exception as exc:  # torch raises RuntimeError or AssertionError, depending on the cause
-        raise BackendUnavailable(f"CUDA initialisation failed: {exc}") from None
-    if torch.cuda.device_count() <= index:
-        raise BackendUnavailable(f"no CUDA GPU {index} is visible (found {torch.cuda.device_count()})")
-    props = torch.cuda.get_device_properties(index)
-    return DeviceInfo(
-        name=props.name,
-        compute_capability=f"{props.major}.{props.minor}",
-        cuda=str(torch.version.cuda),
-        torch_device=f"cuda:{index}",
-    )
-
-
-class TrtLogger(Protocol):
-    """What :func:`make_logger` returns: a ``trt.ILogger`` that also remembers what it was told."""
-
-    messages: list[tuple[int, str]]
-
-    def errors(self) -> str: ...
-
-
-def make_logger(trt: ModuleType) -> TrtLogger:
-    """A TensorRT logger that keeps warnings and errors, so failures can quote TensorRT's reason."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[int, str]] = []
-
-        def log(self, severity: tensorrt.ILogger.Severity, msg: str) -> None:
-            if int(severity) <= int(trt.ILogger.WARNING):
-                self.messages.append((int(severity), msg))
-
-        def errors(self) -> str:
-            found = [msg for level, msg in self.messages if level <= int(trt.ILogger.ERROR)]
-            return "; ".join(found[-3:])
-
-    return _Logger()
-
-
-def create_builder(trt: ModuleType, logger: TrtLogger) -> tensorrt.Builder:
-    """``trt.Builder``, turning its failure (typically CUDA initialisation) into BackendUnavailable."""
-    try:
-        builder = trt.Builder(logger)
-    except (TypeError, RuntimeError) as exc:
-        builder, reason = None, logger.errors() or str(exc)
-    else:
-        reason = logger.errors() or "trt.Builder returned nothing"
-    if builder is None:
-        raise BackendUnavailable(f"TensorRT builder creation failed: {reason}")
-    return builder
-
-
-def trt_builder_available() -> tuple[bool, str]:
-    """Whether a TensorRT builder can really be created here, and why not (for test skips and doctor)."""
-    try:
-        trt = import_tensorrt()
-        device = cuda_device()
-        create_builder(trt, make_logger(trt))
-    except BackendUnavailable as exc:
-        return False, str(exc)
-    return (
-        True,
-        f"TensorRT {trt.__version__} on {device.name} (compute capability {device.compute_capability})",
-    )
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -242,20 +141,14 @@ def _digest(payload: bytes) -> str:
 # -- building -----------------------------------------------------------------------------------
 
 
-def build_engines(
+def _build_request(
     artifact_dir: str | os.PathLike,
-    precision: str = "fp32",
-    batch: tuple[int, int, int] = DEFAULT_BATCH,
-    workspace_mb: int = DEFAULT_WORKSPACE_MB,
-    timing_cache: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Build (or reuse) one engine per graph and record it in the manifest.
-
-    Returns ``{"engines": {graph: {"key", "file", "sha256", "reused", "build_s", "half_layers"}},
-    "timing_cache": path}``. Raises BadInput for a precision the artifact was not exported at, a bad
-    profile or external data outside the artifact; CheckFailed for parser or build errors (node by
-    node); BackendUnavailable when TensorRT cannot run here.
-    """
+    precision: str,
+    batch: tuple[int, ...],
+    workspace_mb: int,
+    timing_cache: str | os.PathLike | None,
+) -> tuple[Artifact, list[_GraphSource]]:
+    """Check a build request before TensorRT is touched: the artifact and what each graph's build reads."""
     if precision not in PRECISIONS:
         raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     batch = _check_batch(tuple(batch))
@@ -272,11 +165,27 @@ def build_engines(
             f"{artifact.root} was exported at {exported}; a {precision} engine needs a {precision} export "
             f"(strongly typed TensorRT takes precision from the graph): re-export at --precision {precision}"
         )
-    sources = [_graph_source(artifact, graph, batch) for graph in artifact.manifest["graphs"]]
+    return artifact, [_graph_source(artifact, graph, batch) for graph in artifact.manifest["graphs"]]
 
-    trt = import_tensorrt()
-    device = cuda_device()
-    logger = make_logger(trt)
+
+def build_engines(
+    artifact_dir: str | os.PathLike,
+    precision: str = "fp32",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) one engine per graph and record it in the manifest.
+
+    Returns ``{"engines": {graph: {"key", "file", "sha256", "reused", "build_s", "half_layers"}},
+    "timing_cache": path}``. Raises BadInput for a precision the artifact was not exported at, a bad
+    profile or external data outside the artifact; CheckFailed for parser or build errors (node by
+    node); BackendUnavailable when TensorRT cannot run here.
+    """
+    artifact, sources = _build_request(artifact_dir, precision, batch, workspace_mb, timing_cache)
+    trt = trt_util.import_tensorrt()
+    device = trt_util.cuda_device()
+    logger = trt_util.make_logger(trt)
     cache_path = Path(timing_cache) if timing_cache else _default_cache_path(artifact, trt, device)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     manifest = copy.deepcopy(artifact.manifest)
@@ -291,7 +200,7 @@ def build_engines(
         if entry is not None and _engine_intact(artifact, rel, entry):
             results[source.name] = {**_summary(key, entry), "reused": True, "build_s": 0.0}
             continue
-        builder = builder or create_builder(trt, logger)
+        builder = builder or trt_util.create_builder(trt, logger)
         start = time.perf_counter()
         plan, half_layers, cache_bytes = _build_one(trt, builder, logger, source, precision, workspace_mb, cache_bytes)
         with atomic_path(artifact.root / rel) as tmp:

@@ -1,4 +1,4 @@
-"""An artifact as a Triton Inference Server model repository: ``acf-deploy triton`` (issue 7).
+"""An artifact as a Triton Inference Server model repository: ``acf-deploy triton``.
 
 Two models, ``<name>-sample`` and ``<name>-density``, each a ``config.pbtxt`` and numbered version
 folders; a ``README.md`` on starting ``tritonserver`` and querying it; ``acf-triton.json`` recording which
@@ -50,6 +50,7 @@ from .. import __version__
 from ..artifact import Artifact, open_artifact
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_path, check_output_dir, clean_stale, current_umask, sha256_file, write_json
+from ..onnx_util import walk_graphs
 
 __all__ = [
     "BACKENDS",
@@ -68,7 +69,6 @@ DEFAULT_MAX_BATCH = 256
 METADATA = "acf-triton.json"
 README = "README.md"
 BUILD_SCRIPT = "build_engines.sh"
-MODEL_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"  # where NVIDIA's tritonserver and TensorRT containers keep it
 CONTAINER = "nvcr.io/nvidia/tritonserver:<YY.MM>-py3"
 PER_ROW_INPUTS = ("temperature",)
@@ -152,7 +152,7 @@ def model_specs(artifact: Artifact, graph: str, model: onnx.ModelProto | None = 
     if model is None:
         model = artifact.load_graph(graph)
     batch_axis = artifact.manifest.get("batch_axis", "batch")
-    # the density graph's z output is [batch, D] where the tracer left D symbolic
+    # older exports declare the density graph's z output [batch, Flattenz_dim_1]: D left symbolic
     known = {"z:1": artifact.dim} if graph == "density" else {}
     inputs = tuple(_tensor(v, batch_axis, known, graph) for v in model.graph.input)
     outputs = tuple(_tensor(v, batch_axis, known, graph) for v in model.graph.output)
@@ -265,14 +265,7 @@ def per_row_temperature(model: onnx.ModelProto, batch_axis: str) -> onnx.ModelPr
         if value.name not in PER_ROW_INPUTS:
             continue
         users = [n for n in model.graph.node if value.name in n.input]
-        sub_users = [
-            n.op_type
-            for node in model.graph.node
-            for attr in node.attribute
-            if attr.type == onnx.AttributeProto.GRAPH
-            for n in attr.g.node
-            if value.name in n.input
-        ]
+        sub_users = [n.op_type for g in list(walk_graphs(model.graph))[1:] for n in g.node if value.name in n.input]
         if sub_users or not users or any(n.op_type != "Mul" or "z" not in n.input for n in users):
             raise BadInput(f"sample.onnx uses {value.name} other than as Mul(z, {value.name}); cannot serve it per row")
         dims = value.type.tensor_type.shape.dim
@@ -329,7 +322,7 @@ def trtexec_command(
         "--skipInference",
     ]
     if precision != "fp32":
-        command.append("--stronglyTyped")  # the ONNX carries its precision (DESIGN 5); TensorRT >= 10
+        command.append("--stronglyTyped")  # the ONNX carries its precision; TensorRT >= 10
     return command
 
 
@@ -343,7 +336,6 @@ def write_triton_repository(
     repo = check_output_dir(repo, lambda path: (path / METADATA).is_file(), "a repository written by acf-deploy")
     repo.mkdir(parents=True, exist_ok=True)
     precision = str(artifact.manifest.get("precision", "fp32"))
-    batch_axis = artifact.manifest.get("batch_axis", "batch")
     models = {graph: f"{name}-{graph}" for graph in ("sample", "density")}
     version = 1 + max([0, *(v for m in models.values() for v in _versions(repo / m))])
     opt_batch = min(options.opt_batch or 64, max_batch)
@@ -358,12 +350,9 @@ def write_triton_repository(
     for graph, model_name in models.items():
         model_dir = repo / model_name
         model_dir.mkdir(exist_ok=True)
-        source_name = artifact.manifest["graphs"][graph]["file"]
-        source = artifact.graph_path(graph)
         original = artifact.load_graph(graph)
         spec = model_specs(artifact, graph, original)
-        clean_stale(model_dir, str(version))
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.{os.getpid()}.", suffix=".tmpdir", dir=model_dir))
+        source_name = artifact.manifest["graphs"][graph]["file"]
         entry: dict[str, Any] = {
             "artifact": str(Path(artifact_dir).resolve()),
             "preset": artifact.manifest.get("preset"),
@@ -373,35 +362,7 @@ def write_triton_repository(
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "backend": options.backend,
         }
-        try:
-            externals = artifact.graph_files(graph, original)[1:]
-            if any(t.made_per_row for t in spec.inputs):
-                full = onnx.load(str(artifact.verify_file(source_name)))
-                rewritten = per_row_temperature(full, batch_axis)
-                if externals:
-                    onnx.save(
-                        rewritten, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
-                    )
-                else:
-                    onnx.save(rewritten, str(staging / "model.onnx"))
-                entry["per_row_inputs"] = [t.name for t in spec.inputs if t.made_per_row]
-                entry["per_row_check"] = _check_per_row(source, staging / "model.onnx", artifact.dim)
-            else:
-                _copy_verified(artifact, source_name, staging / "model.onnx")
-                for ext in externals:
-                    (staging / ext).parent.mkdir(parents=True, exist_ok=True)
-                    _copy_verified(artifact, ext, staging / ext)
-            entry["files"] = {
-                p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-            }
-            os.chmod(staging, 0o777 & ~current_umask())
-            target = model_dir / str(version)
-            if target.exists():
-                raise BadInput(f"{target} appeared while writing; run `acf-deploy triton` again")
-            os.rename(staging, target)  # the version appears whole, or not at all
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+        target = _write_version(artifact, graph, original, spec, model_dir / str(version), entry)
         config = render_config(model_name, spec, options, max_batch, precision)
         with atomic_path(model_dir / "config.pbtxt") as tmp:
             tmp.write_text(config)
@@ -429,6 +390,51 @@ def write_triton_repository(
     return summary
 
 
+def _write_version(
+    artifact: Artifact,
+    graph: str,
+    original: onnx.ModelProto,
+    spec: ModelSpec,
+    target: Path,
+    entry: dict[str, Any],
+) -> Path:
+    """The model files of one version, staged beside ``target`` and renamed into place whole; ``entry``
+    (the version's record) gains the files' hashes and, for a per-row temperature, how it was checked."""
+    model_dir, version = target.parent, target.name
+    source_name = artifact.manifest["graphs"][graph]["file"]
+    clean_stale(model_dir, version)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.{os.getpid()}.", suffix=".tmpdir", dir=model_dir))
+    try:
+        externals = artifact.graph_files(graph, original)[1:]
+        if any(t.made_per_row for t in spec.inputs):
+            full = onnx.load(str(artifact.verify_file(source_name)))
+            rewritten = per_row_temperature(full, artifact.manifest.get("batch_axis", "batch"))
+            if externals:
+                onnx.save(
+                    rewritten, str(staging / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
+                )
+            else:
+                onnx.save(rewritten, str(staging / "model.onnx"))
+            entry["per_row_inputs"] = [t.name for t in spec.inputs if t.made_per_row]
+            entry["per_row_check"] = _check_per_row(artifact.graph_path(graph), staging / "model.onnx", artifact.dim)
+        else:
+            _copy_verified(artifact, source_name, staging / "model.onnx")
+            for ext in externals:
+                (staging / ext).parent.mkdir(parents=True, exist_ok=True)
+                _copy_verified(artifact, ext, staging / ext)
+        entry["files"] = {
+            p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        os.chmod(staging, 0o777 & ~current_umask())
+        if target.exists():
+            raise BadInput(f"{target} appeared while writing; run `acf-deploy triton` again")
+        os.rename(staging, target)  # the version appears whole, or not at all
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def _sh(word: str) -> str:
     """Quote for sh, letting ``$REPO`` and ``$TRTEXEC`` expand (model names cannot hold quotes or ``$``)."""
     return f'"{word}"' if "$" in word else shlex.quote(word)
@@ -452,21 +458,14 @@ def _record(repo: Path, model_name: str, version: int, entry: dict[str, Any]) ->
 
 
 def _write_build_script(repo: Path, version: int, lines: list[str]) -> None:
-    script = "\n".join(
-        [
-            "#!/bin/sh",
-            f"# Builds the TensorRT plans of version {version}, written by acf-deploy {__version__}.",
-            "# A plan runs only on the TensorRT version and the GPU model it was built with: run this ON THE",
-            "# SERVING HOST, inside the very tritonserver container image that will serve the repository, e.g.",
-            f'#   docker run --rm --gpus all -v "$PWD":/models {CONTAINER} sh /models/{BUILD_SCRIPT}',
-            "# (trtexec ships in that image). Each plan is written beside its model.onnx, then renamed into place.",
-            "set -eu",
-            'REPO="$(cd "$(dirname "$0")" && pwd)"',
-            f'TRTEXEC="${{TRTEXEC:-{TRTEXEC}}}"',
-            *lines,
-            "echo 'done: start (or reload) tritonserver on this repository'",
-            "",
-        ]
+    script = render_template(
+        "triton_build_engines.sh",
+        version=version,
+        acf_version=__version__,
+        container=CONTAINER,
+        build_script=BUILD_SCRIPT,
+        trtexec=TRTEXEC,
+        commands="\n".join(lines),
     )
     with atomic_path(repo / BUILD_SCRIPT) as tmp:
         tmp.write_text(script)
@@ -482,86 +481,53 @@ def _write_readme(
     max_batch: int,
 ) -> None:
     sample, density = models["sample"], models["density"]
-    gpus = "--gpus all " if options.resolved_kind() == "gpu" else ""
-    d_io = summary["models"][density]["inputs"]
-    shape = ", ".join(str(d) for d in artifact.data_shape)
-    probes = next((t for t in d_io if t["name"] == "probes"), None)
+    io = {name: summary["models"][model] for name, model in models.items()}
+    probes = next((t for t in io["density"]["inputs"] if t["name"] == "probes"), None)
     version = summary["version"]
     build = ""
     if options.backend == "tensorrt":
-        build = f"""
-## 0. Build the TensorRT plans (on the serving host)
-
-TensorRT plans are tied to the TensorRT version and GPU that built them, so they are not built here.
-On the serving host, with the tritonserver image that will serve this repository (it ships `trtexec`):
-
-```sh
-docker run --rm --gpus all -v "$PWD":/models {CONTAINER} sh /models/{BUILD_SCRIPT}
-```
-
-`{BUILD_SCRIPT}` writes `model.plan` beside each `model.onnx` of version {version}. (`acf-deploy build`
-builds the artifact's own graphs, whose `temperature` is not per row; use the script for Triton.)
-Until the plans exist the models cannot load.
-"""
+        build = render_template(
+            "triton_README_tensorrt.md", container=CONTAINER, build_script=BUILD_SCRIPT, version=version
+        )
     probe_note = ""
     if probes is not None:
         probe_note = (
             f"\nThe density model uses the `series` log-det: send Rademacher probes `probes` of shape "
             f"`[batch, {probes['shape'][1]}, {probes['shape'][2]}]` (+1/-1 float32) with every request.\n"
         )
-    text = f"""# Triton model repository for `{artifact.manifest.get("preset", "?")}`
-
-Written by acf-deploy {__version__} from `{Path(artifact.root).resolve()}` (every file hash-checked; see
-`{METADATA}` for which artifact, files and hashes each version came from). Backend: `{options.backend}`,
-`max_batch_size` {max_batch}, {options.instances} instance(s) per model ({options.resolved_kind().upper()}),
-dynamic batching {"on" if options.dynamic_batching else "off"}.
-
-| model | inputs | outputs |
-| --- | --- | --- |
-| `{sample}` | {_io_md(summary["models"][sample]["inputs"])} | {_io_md(summary["models"][sample]["outputs"])} |
-| `{density}` | {_io_md(d_io)} | {_io_md(summary["models"][density]["outputs"])} |
-
-Shapes include the batch axis (-1). `temperature` is **per row**: send `[batch, 1]` (e.g. all rows the same
-value); Triton may batch requests with different temperatures together. Per-sample outputs are `[batch, 1]`.
-Data `x` is in the model's data space: image levels `v` dequantised as `(v + u) / K`, values in [0, 1],
-shape `[batch, {shape}]`.{probe_note}
-{build}
-## 1. Start the server
-
-```sh
-docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v "$PWD":/models \\
-    {CONTAINER} tritonserver --model-repository=/models
-```
-
-Run it from this directory (or replace `$PWD`). Pick the image tag of your Triton release.
-To pick up new versions written by a later `acf-deploy triton` without a restart add
-`--model-control-mode=poll --repository-poll-secs=30`; each run adds version folders (now {version}) and
-`version_policy` serves the newest one.
-
-## 2. Query it
-
-```sh
-curl -s localhost:8000/v2/health/ready && echo ready
-curl -s localhost:8000/v2/models/{sample}/config
-```
-
-```python
-import numpy as np
-import tritonclient.http as httpclient
-
-client = httpclient.InferenceServerClient("localhost:8000")
-z = np.random.default_rng(0).standard_normal((16, {artifact.dim})).astype(np.float32)
-inputs = [httpclient.InferInput("z", z.shape, "FP32"), httpclient.InferInput("temperature", [16, 1], "FP32")]
-inputs[0].set_data_from_numpy(z)
-inputs[1].set_data_from_numpy(np.full((16, 1), 0.8, np.float32))
-result = client.infer("{sample}", inputs)
-x, residual = result.as_numpy("x"), result.as_numpy("residual")
-```
-
-See `docs/triton.md` in acf-deploy for the density model and gRPC.
-"""
+    text = render_template(
+        "triton_README.md",
+        preset=artifact.manifest.get("preset", "?"),
+        acf_version=__version__,
+        source=Path(artifact.root).resolve(),
+        metadata=METADATA,
+        backend=options.backend,
+        max_batch=max_batch,
+        instances=options.instances,
+        kind=options.resolved_kind().upper(),
+        dynamic_batching="on" if options.dynamic_batching else "off",
+        sample=sample,
+        density=density,
+        sample_inputs=_io_md(io["sample"]["inputs"]),
+        sample_outputs=_io_md(io["sample"]["outputs"]),
+        density_inputs=_io_md(io["density"]["inputs"]),
+        density_outputs=_io_md(io["density"]["outputs"]),
+        shape=", ".join(str(d) for d in artifact.data_shape),
+        probe_note=probe_note,
+        tensorrt_build=build,
+        gpus="--gpus all " if options.resolved_kind() == "gpu" else "",
+        container=CONTAINER,
+        version=version,
+        dim=artifact.dim,
+    )
     with atomic_path(repo / README) as tmp:
         tmp.write_text(text)
+
+
+def render_template(name: str, **values: Any) -> str:
+    """``exporters/templates/<name>`` with every ``{{key}}`` replaced by ``values[key]``."""
+    text = (Path(__file__).parent / "templates" / name).read_text()
+    return re.sub(r"\{\{(\w+)\}\}", lambda match: str(values[match.group(1)]), text)
 
 
 def _io_md(tensors: list[dict[str, Any]]) -> str:

@@ -1,8 +1,8 @@
-"""CPU-only lint of ONNX graphs against what TensorRT's ONNX parser accepts (issue 4).
+"""CPU-only lint of ONNX graphs against what TensorRT's ONNX parser accepts.
 
 Engines can only be built where a GPU and TensorRT exist, so CI checks every exported graph here
 instead: each node (inside ``Loop``/``If``/``Scan`` bodies too) against the onnx-tensorrt operator
-matrix (``docs/operators.md``, TensorRT 10.15: opset 9 to 24), plus the rules DESIGN 2 sets for our
+matrix (``docs/operators.md``, TensorRT 10.15: opset 9 to 24), plus the rules docs/guarantees.md §6 sets for our
 graphs: no ``Det``, no random ops, ``Loop`` only with a constant trip count and shape-preserving
 loop-carried values, no float64 anywhere.
 """
@@ -20,6 +20,7 @@ from onnx import GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, help
 
 from ..artifact import open_artifact
 from ..errors import CheckFailed
+from ..onnx_util import constant_tensor, constants, dims, infer_loop_body, infer_shapes, loop_body, same_shape
 
 __all__ = [
     "OPSET_RANGE",
@@ -69,7 +70,7 @@ UNSUPPORTED_OPS = frozenset(
     """.split()
 )
 
-# TensorRT supports them, but randomness must be a graph input (DESIGN 2), and TensorRT ignores `seed`.
+# TensorRT supports them, but randomness must be a graph input (docs/guarantees.md §6), and TensorRT ignores `seed`.
 RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
@@ -172,7 +173,7 @@ class _Linter:
             # onnx-tensorrt expands local functions, so lint what it will see.
             model = onnx.inliner.inline_local_functions(model)
         try:
-            model = _infer_with_loop_shapes(model)
+            model = infer_shapes(model)
         except Exception as exc:  # inference is best effort; the lint still runs
             self.add("", "model", model.graph.name or "main", _WARNING, f"shape inference failed: {exc}")
         self._lint_graph(model.graph, model.graph.name or "main", None)
@@ -229,9 +230,9 @@ class _Linter:
             report(_ERROR, f"custom-domain op '{node.domain}.{op}' needs a TensorRT plugin")
             return
         if op == "Det":
-            report(_ERROR, "TensorRT has no Det; export the log-determinant with the unrolled LU (DESIGN 2)")
+            report(_ERROR, "TensorRT has no Det; export the log-determinant with the unrolled LU")
         elif op in RANDOM_OPS:
-            report(_ERROR, "random op in an exported graph; randomness must be a graph input (DESIGN 2)")
+            report(_ERROR, "random op in an exported graph; randomness must be a graph input")
         elif op in UNSUPPORTED_OPS:
             report(_ERROR, "not supported by TensorRT's ONNX parser")
         elif op not in SUPPORTED_OPS:
@@ -329,14 +330,14 @@ class _Linter:
 
     def _check_if(self, node: NodeProto, attrs: dict, scope: _Scope, report) -> None:
         if not scope.is_const(node.input[0]):
-            report(_WARNING, "condition is computed at run time: data-dependent control flow (DESIGN 2)")
+            report(_WARNING, "condition is computed at run time: data-dependent control flow")
         then_branch, else_branch = attrs.get("then_branch"), attrs.get("else_branch")
         if then_branch is None or else_branch is None:
             return
         for then_out, else_out in zip(then_branch.output, else_branch.output, strict=False):
             if then_out.name == else_out.name:
                 report(_ERROR, f"both branches name their output '{then_out.name}'; TensorRT needs them distinct")
-            then_dims, else_dims = _dims(then_out.type), _dims(else_out.type)
+            then_dims, else_dims = dims(then_out.type), dims(else_out.type)
             if then_dims is not None and else_dims is not None and len(then_dims) != len(else_dims):
                 report(_ERROR, f"branch outputs '{then_out.name}' and '{else_out.name}' differ in rank")
 
@@ -346,7 +347,7 @@ class _Linter:
         trip = node.input[0] if node.input else ""
         cond = node.input[1] if len(node.input) > 1 else ""
         if not trip:
-            report(_ERROR, "condition-only Loop (no trip count): data-dependent iteration (DESIGN 2)")
+            report(_ERROR, "condition-only Loop (no trip count): data-dependent iteration")
         elif not scope.is_const(trip):
             report(_ERROR, f"trip count '{trip}' is computed at run time; make it an initializer or Constant")
         if cond:
@@ -358,16 +359,16 @@ class _Linter:
             elif not bool(np.all(value)):
                 report(_ERROR, f"loop condition '{cond}' is constant false: the body never runs")
 
-        body = next(a.g for a in node.attribute if a.name == "body")
+        body = loop_body(node)
         if len(body.input) >= 2 and body.output and not _passes_condition(body):
-            report(_ERROR, "loop body computes its own exit condition: data-dependent early exit (DESIGN 2)")
+            report(_ERROR, "loop body computes its own exit condition: data-dependent early exit")
 
         carried = list(node.input[2:])
         initial_types = [scope.type_of(name) for name in carried]
-        inferred = _infer_body(self.model, body, initial_types, scope)
+        inferred = infer_loop_body(self.model, body, initial_types, scope.all_types(), scope.all_consts())
         for i, name in enumerate(carried):
             out = inferred.output[1 + i] if len(inferred.output) > 1 + i else None
-            same = _same_shape(_dims(initial_types[i]), _dims(out.type) if out is not None else None)
+            same = same_shape(dims(initial_types[i]), dims(out.type) if out is not None else None)
             shown = f"loop-carried value '{name}' (body output '{out.name if out else '?'}')"
             if same is False:
                 before, after = _shape_text(initial_types[i]), _shape_text(out.type)
@@ -382,60 +383,11 @@ def _graph_scope(graph: GraphProto, parent: _Scope | None) -> _Scope:
     for value in [*graph.input, *graph.output, *graph.value_info]:
         scope.types[value.name] = value.type
     for init in graph.initializer:
-        scope.consts[init.name] = init
         scope.types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+    scope.consts.update(constants(graph))
     for sparse in graph.sparse_initializer:
         scope.consts[sparse.values.name] = None
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output:
-            scope.consts[node.output[0]] = _constant_tensor(node)
     return scope
-
-
-def _infer_with_loop_shapes(model: ModelProto) -> ModelProto:
-    """Shape inference that carries shapes through shape-preserving Loops.
-
-    ONNX's Loop inference forgets carried shapes (they could change per iteration), which leaves every
-    later Loop's inputs unknown. Where a body provably keeps a carried shape, the Loop's output is
-    declared with it and inference runs again, once per newly known Loop at most.
-    """
-    loops = sum(node.op_type == "Loop" for node in model.graph.node)
-    for _ in range(loops + 1):
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        scope = _graph_scope(inferred.graph, None)
-        pinned = []
-        for node in inferred.graph.node:
-            if node.op_type != "Loop":
-                continue
-            carried = list(node.input[2:])
-            outputs = list(node.output[: len(carried)])
-            initial = [scope.type_of(name) for name in carried]
-            if all(_dims(scope.type_of(out)) is not None for out in outputs if out):
-                continue
-            body = _infer_body(inferred, next(a.g for a in node.attribute if a.name == "body"), initial, scope)
-            for i, out in enumerate(outputs):
-                if not out or _dims(scope.type_of(out)) is not None or len(body.output) <= 1 + i:
-                    continue
-                if _same_shape(_dims(initial[i]), _dims(body.output[1 + i].type)):
-                    pinned.append(helper.make_value_info(out, initial[i]))
-        if not pinned:
-            return inferred
-        model = ModelProto()
-        model.CopyFrom(inferred)
-        declared = {p.name for p in pinned}
-        kept_info = [v for v in model.graph.value_info if v.name not in declared]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend([*kept_info, *pinned])
-    return inferred
-
-
-def _constant_tensor(node: NodeProto) -> TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return attr.t
-        if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
-            return numpy_helper.from_array(np.asarray(helper.get_attribute_value(attr)))
-    return None
 
 
 def _passes_condition(body: GraphProto) -> bool:
@@ -455,87 +407,14 @@ def _passes_condition(body: GraphProto) -> bool:
             name = producer.input[0]
             continue
         if producer.op_type == "Constant":
-            tensor = _constant_tensor(producer)
+            tensor = constant_tensor(producer)
             return tensor is not None and bool(np.all(numpy_helper.to_array(tensor)))
         return False
 
 
-def _free_names(graph: GraphProto) -> set[str]:
-    """Names a graph (and its subgraphs) reads from enclosing scopes."""
-    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(n for n in node.input if n)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                used |= _free_names(sub)
-        defined.update(node.output)
-    return used - defined
-
-
-def _infer_body(model: ModelProto, body: GraphProto, initial: list[TypeProto | None], scope: _Scope) -> GraphProto:
-    """Shape-infer a Loop body with its carried inputs typed like their initial values.
-
-    ONNX's own Loop inference drops carried shapes (they may change per iteration), so the body is
-    inferred as a standalone graph: outer-scope constants become initializers, other outer values inputs.
-    """
-    graph = GraphProto()
-    graph.CopyFrom(body)
-    for i, type_proto in enumerate(initial):
-        if type_proto is not None and len(graph.input) > 2 + i:
-            graph.input[2 + i].type.CopyFrom(type_proto)
-    consts, types = scope.all_consts(), scope.all_types()
-    for name in sorted(_free_names(body)):
-        tensor = consts.get(name)
-        if tensor is not None and tensor.data_location != TensorProto.EXTERNAL:
-            graph.initializer.append(tensor)
-        elif name in types:
-            graph.input.append(helper.make_value_info(name, types[name]))
-    standalone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(standalone, strict_mode=False, data_prop=True).graph
-    except Exception:  # fall back to the declared body: carried shapes read as unknown
-        return body
-    # Keep the body as written (no borrowed outer names) but with the inferred types.
-    result = GraphProto()
-    result.CopyFrom(body)
-    inferred_types = {v.name: v.type for v in [*inferred.input, *inferred.output, *inferred.value_info]}
-    for value in [*result.input, *result.output]:
-        if value.name in inferred_types:
-            value.type.CopyFrom(inferred_types[value.name])
-    declared = {v.name for v in [*result.input, *result.output, *result.value_info]}
-    result.value_info.extend(v for v in inferred.value_info if v.name not in declared)
-    return result
-
-
-def _dims(type_proto: TypeProto | None) -> list[int | str | None] | None:
-    if type_proto is None or not type_proto.HasField("tensor_type"):
-        return None
-    tensor_type = type_proto.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-
-
-def _same_shape(a: list | None, b: list | None) -> bool | None:
-    """False when the shapes provably differ, True when provably equal, None when unknown."""
-    if a is None or b is None:
-        return None
-    if len(a) != len(b):
-        return False
-    known = True
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, int) and isinstance(y, int):
-            if x != y:
-                return False
-        elif x is None or y is None or x != y:
-            known = False
-    return True if known else None
-
-
 def _shape_text(type_proto: TypeProto | None) -> str:
-    dims = _dims(type_proto)
-    return "?" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    shape = dims(type_proto)
+    return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def lint_model(model: ModelProto) -> list[LintIssue]:

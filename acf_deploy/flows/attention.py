@@ -1,4 +1,4 @@
-r"""Lipschitz self-attention over the pixels of a feature map (DESIGN 1.2).
+r"""Lipschitz self-attention over the pixels of a feature map (docs/guarantees.md §2).
 
 Inputs are ``(B, C, H, W)`` maps. The tokens are the ``N = H W`` positions (``flatten(2)`` then a
 transpose, never a ``.view`` that mixes channels and pixels), ``D = C`` features per token, split into
@@ -132,7 +132,7 @@ class L2Attention(_Attention):
 
     so it is 1-Lipschitz. ``X A_h V_h`` is computed as ``Q_h M_h`` with ``M_h = W_h^T V_h / sqrt(d)``.
 
-    The exponent 4 on ``||W_h||`` is deliberate. DESIGN 1.2 quotes ``||W_h||_2^2 ||V_h||_2^2`` under the
+    The exponent 4 on ``||W_h||`` is deliberate. An earlier design quoted ``||W_h||_2^2 ||V_h||_2^2`` under the
     root, which cannot bound ``F``: replacing ``W_h`` by ``a W_h`` gives ``f_h^a(X) = a f_h(a X)``, so the
     Lipschitz constant grows like ``a^2`` while that expression grows like ``a`` (measured 3x above it at
     ``||W_h|| = 10``, N = 4). Per head the single-head bound is ``sqrt(N/d)(4 W0 + 1) ||W_h||_2^2`` (``||W_h||^2``
@@ -225,7 +225,7 @@ class DotProductAttention(_Attention):
     ``uv, uw, vw`` is at most ``m^2``. Finally ``||dQ||_F <= ||W_Q,h||_2 ||dX||_F``, and so on.
 
     Plain dot-product attention is not globally Lipschitz; this normalised one is, by the argument
-    above, but the project labels it ``"verified"`` (DESIGN 1.2): the argument is ours and unreviewed,
+    above, but the project labels it ``"verified"`` (docs/guarantees.md §2): the argument is ours and unreviewed,
     so exported blocks are still accepted only on measurement. ``lipschitz()`` is the nominal 1.0.
     """
 

@@ -1,4 +1,4 @@
-r"""Residual flow steps ``y = x + g(x)`` with ``Lip(g) < 1`` (DESIGN 1, 2).
+r"""Residual flow steps ``y = x + g(x)`` with ``Lip(g) < 1`` (docs/guarantees.md §2 to §4).
 
 The log-determinant ``log det(I + J_g)`` comes in three forms:
 

@@ -1,4 +1,4 @@
-r"""Spectrally normalised linear and convolution layers, and LipSwish (DESIGN 1.1).
+r"""Spectrally normalised linear and convolution layers, and LipSwish (docs/guarantees.md §2).
 
 While training, :math:`\sigma` comes from power iteration with persistent vectors (cheap, an
 underestimate) and the weight is divided by :math:`\max(1, \sigma / c)`. ``bake()`` freezes the

@@ -20,14 +20,13 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_checkpoint
-from ..data import heldout_data
+from ..data import heldout_data, to_model_space
 from ..errors import BadInput, CheckFailed
 from ..fileio import check_output_dir, sha256_file
 from ..flows.flow import Flow
 from ..flows.presets import build_flow
 from ..pipeline import is_checkpoint_dir
 from ..report import block_report, measurement_batch, model_samples, verification_failures
-from ..train import to_model_space
 from .architecture import config_from_args
 from .safe_load import load_reference_checkpoint
 from .weights import ReferenceTensors, fill_from_reference

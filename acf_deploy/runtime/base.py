@@ -1,4 +1,4 @@
-"""One interface for every runtime (Polygraphy's loader/runner split, DESIGN 3).
+"""One interface for every runtime (Polygraphy's loader/runner split).
 
 A backend opens an artifact directory and runs its two graphs on numpy arrays:
 
@@ -7,8 +7,9 @@ A backend opens an artifact directory and runs its two graphs on numpy arrays:
   ``"min_pivot": (B,)`` in ``exact`` log-det mode. ``probes`` is ``(B, P, D)`` float32 in
   ``series`` mode and ``None`` otherwise.
 
-Inputs and outputs are float32 numpy arrays; batches larger than the artifact's
-``max_safe_batch`` are chunked by :meth:`Backend.run_chunked`.
+Inputs and outputs are float32 numpy arrays. A backend runs the batch it is given: callers keep
+density batches within the artifact's ``max_safe_batch`` (:func:`~acf_deploy.runtime.parity.run_chunked`,
+the jobs' batch sizes); the ``trt`` backend also splits batches to fit its engines' profiles.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Side-by-side benchmarks of the exported graphs against eager PyTorch (issue 5).
+r"""Side-by-side benchmarks of the exported graphs against eager PyTorch.
 
 Every (graph, batch) cell feeds the *same* seeded inputs to every backend and times them
 round-robin (one call of each backend per round), so that load from other processes hits all
@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, numpy_helper
+from onnx import GraphProto, numpy_helper
 
 from ..artifact import Artifact
 from ..errors import BadInput
-from ..exporters.optimize import fold_static_shapes, infer_shapes, value_types
+from ..onnx_util import BATCH, dims, infer_shapes, loop_body, value_types
 from .base import Arrays, Backend
 from .ort_backend import available_cores
 
@@ -51,7 +51,6 @@ __all__ = [
 
 WHAT = ("sample", "density")
 RESFLOW = "resflow"
-RESFLOW_MAX_ITERS = 1000  # the reference code's cap
 RESFLOW_TOLS = tuple(10.0 ** (-k / 2) for k in range(4, 17))  # 1e-2 .. 1e-8 in half decades
 RESFLOW_SLACK = 1.5  # "same round-trip error": at most this factor above ours
 
@@ -181,18 +180,11 @@ _SOFTMAX = {"Softmax": 5, "LogSoftmax": 5}
 
 
 def _shape(types: dict[str, onnx.TypeProto], name: str, batch: int) -> list[int] | None:
-    t = types.get(name)
-    if t is None or not t.tensor_type.HasField("shape"):
+    """The concrete shape of ``name`` at ``batch``, or None when a dimension is unknown."""
+    shape = dims(types.get(name))
+    if shape is None or not all(isinstance(d, int) or d == BATCH for d in shape):
         return None
-    dims = []
-    for d in t.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        elif d.dim_param == "batch":
-            dims.append(batch)
-        else:
-            return None
-    return dims
+    return [batch if d == BATCH else d for d in shape]
 
 
 def _constant_int(graph: GraphProto, name: str) -> int | None:
@@ -254,8 +246,7 @@ def _graph_flops(
             if trips is None:
                 unknown.append(f"{node.name} (Loop without a constant trip count)")
                 trips = 1
-            body = next(a.g for a in node.attribute if a.type == AttributeProto.GRAPH)
-            total += _graph_flops(body, types, batch, by_op, unknown, scale * trips)
+            total += _graph_flops(loop_body(node), types, batch, by_op, unknown, scale * trips)
             continue
         flops = _node_flops(node, types, batch)
         if flops is None:
@@ -268,19 +259,16 @@ def _graph_flops(
 
 
 def graph_flops(model: onnx.ModelProto | str, batch: int) -> dict[str, Any]:
-    """FLOPs of one run of an ONNX graph at ``batch``: total, per op type, and nodes whose shape is unknown."""
-    return _count_flops(_static_copy(model), batch)
+    """FLOPs of one run of an ONNX graph at ``batch``: total, per op type, and nodes whose shape is unknown.
+
+    Shapes come from the Loop-aware inference of :mod:`acf_deploy.onnx_util`; the exporter has already
+    made every Reshape target a constant (``exporters/optimize.py``), so the shapes are known.
+    """
+    return _count_flops(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)), batch)
 
 
-def _static_copy(model: onnx.ModelProto | str) -> onnx.ModelProto:
-    """A copy of ``model`` with static shapes folded (older exports lack them); independent of the batch."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    return fold_static_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
-
-
-def _count_flops(folded: onnx.ModelProto, batch: int) -> dict[str, Any]:
-    inferred = infer_shapes(folded, batch=batch)
+def _count_flops(model: onnx.ModelProto, batch: int) -> dict[str, Any]:
+    inferred = infer_shapes(model, batch=batch)
     by_op: dict[str, float] = {}
     unknown: list[str] = []
     total = _graph_flops(inferred.graph, {}, batch, by_op, unknown, 1.0)
@@ -294,14 +282,11 @@ def _count_flops(folded: onnx.ModelProto, batch: int) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- Residual-Flows baseline
 class ResFlowBaseline(Backend):
-    """The Residual-Flows way of sampling: eager PyTorch iterating each block until a tolerance is met.
+    """The Residual-Flows way of sampling, :meth:`Flow.adaptive_inverse <acf_deploy.flows.flow.Flow.adaptive_inverse>`:
+    eager PyTorch iterating each block until an element-wise tolerance is met.
 
-    As in ``iresblock.py`` ``_inverse_fixed_point`` (notes 2): start at ``x = y - g(y)`` and iterate
-    ``x <- y - g(x)`` in a Python ``while`` until every element satisfies
-    ``|x - x_prev| < atol + rtol |y|`` (at most 1000 iterations). The reference compares the
-    *squared* step with that unsquared tolerance, which makes the real criterion ``sqrt(tol)``; here
-    the test is done correctly. ``atol = rtol = tol``, and ``tol`` defaults to the loosest value whose
-    round trip is as accurate as the exported sampler's (:func:`resflow_tolerance`).
+    ``tol`` defaults to the loosest value whose round trip is as accurate as the exported sampler's
+    (:func:`resflow_tolerance`).
     """
 
     name = RESFLOW
@@ -324,7 +309,7 @@ class ResFlowBaseline(Backend):
 
         with torch.inference_mode():
             h = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)) * temperature
-            x, iterations = resflow_inverse(self.flow, h, self.tol)
+            x, iterations = self.flow.adaptive_inverse(h, self.tol)
         self.last_iterations = iterations
         return {"x": x.numpy(), "residual": np.zeros(len(z), dtype=np.float32)}
 
@@ -335,40 +320,13 @@ class ResFlowBaseline(Backend):
         self.reference.close()
 
 
-def resflow_inverse(flow, z, tol: float, max_iters: int = RESFLOW_MAX_ITERS):
-    """``flow.inverse`` with per-block tolerance loops; returns ``(x, g evaluations per block)``."""
-    from ..flows.blocks import ResidualBlock
-
-    blocks = flow.residual_blocks()
-    h = z.reshape(z.shape[0], *flow._latent_shape())
-    evaluations = [0] * len(blocks)
-    index = len(blocks)
-    for layer in reversed(flow.layers):
-        if isinstance(layer, ResidualBlock):
-            index -= 1
-            y = h
-            threshold = tol + tol * y.abs()
-            x_prev, x = y, y - layer.g(y)
-            count = 1
-            while not bool(((x - x_prev).abs() < threshold).all()) and count <= max_iters:
-                x_prev, x = x, y - layer.g(x)
-                count += 1
-            evaluations[index] = count
-            h = x
-        else:
-            h = layer.inverse(h)
-    if flow.preprocess is not None:
-        h = flow.preprocess.inverse(h)
-    return h, evaluations
-
-
 def resflow_tolerance(
     flow, counts: Sequence[int], n: int = 256, seed: int = 0, slack: float = RESFLOW_SLACK
 ) -> dict[str, Any]:
     """The loosest tolerance (half-decade grid) whose data-space round trip is at most ``slack`` times
     the exported sampler's (the one with ``counts``).
 
-    The round trip is DESIGN 5's, taken on what the sampler produces rather than on a dataset (so no
+    The round trip is the one ``check`` judges (docs/guarantees.md §5), taken on what the sampler produces rather than on a dataset (so no
     data is needed): reference samples ``x = f^-1(z)`` from a long fixed-point schedule, then
     ``max |f^-1(f(x)) - x|`` with each inverse. A latent-space round trip would not do: on digits it is
     dominated by the logit preprocessing (about 1e-4 relative) and hardly sees the inverse's accuracy.
@@ -390,7 +348,7 @@ def resflow_tolerance(
         tried = []
         chosen = None
         for tol in RESFLOW_TOLS:
-            x, evaluations = resflow_inverse(flow, z_ref, tol)
+            x, evaluations = flow.adaptive_inverse(z_ref, tol)
             error = roundtrip(x)
             tried.append({"tol": tol, "roundtrip": error, "iterations": int(sum(evaluations))})
             if error <= slack * ours:
@@ -529,8 +487,8 @@ def _check(opts: BenchOptions) -> None:
 def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[str, Any]]]:
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for what in opts.what:
-        folded = _static_copy(str(artifact.graph_path(what)))
-        out[what] = {batch: _count_flops(folded, batch) for batch in opts.batches}
+        model = onnx.load(str(artifact.graph_path(what)))
+        out[what] = {batch: _count_flops(model, batch) for batch in opts.batches}
     return out
 
 

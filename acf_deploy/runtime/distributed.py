@@ -1,12 +1,14 @@
-"""Bulk scoring and sampling on a Ray cluster: ``acf-deploy score|sample --engine ray`` (issue 7).
+"""Bulk scoring and sampling on a Ray cluster: ``acf-deploy score|sample --engine ray``.
 
 The rows of a job are cut into **shards**, runs of whole batches: shard ``s`` covers batches
 ``[first_batch, first_batch + k)`` of the single-process job with the same ``batch``. Every batch draws
 its randomness from :func:`~acf_deploy.runtime.jobs.batch_rng` ``(seed, stream, batch index)``
 and is computed by the very functions the single-process path calls
-(:func:`~acf_deploy.runtime.jobs.score_batch`, :func:`~acf_deploy.runtime.jobs.sample_batch`), so with
+(:func:`~acf_deploy.runtime.jobs.score_rows`, :func:`~acf_deploy.runtime.jobs.sample_rows`), so with
 the same backend and thread count a Ray job equals :func:`~acf_deploy.runtime.jobs.score` /
-:func:`~acf_deploy.runtime.jobs.sample_to_file` bit for bit, in the same order.
+:func:`~acf_deploy.runtime.jobs.sample_to_file` bit for bit, in the same order. Requests are checked,
+and jobs started, by :func:`~acf_deploy.runtime.jobs.score_job` / :func:`~acf_deploy.runtime.jobs.sample_job`
+(``engine="ray"``); this module holds what is Ray's: shards, workers, scheduling and retries.
 
 Each Ray actor (:class:`ShardWorker`) opens the artifact (hash-checked) and holds one backend: ONNX
 Runtime on one CPU thread by default; ``trt``, ``ort-cuda`` and ``ort-trt`` actors ask Ray for one GPU.
@@ -26,7 +28,7 @@ import os
 import resource
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,32 +37,25 @@ import numpy as np
 
 from ..artifact import Artifact, open_artifact
 from ..errors import AcfError, BackendUnavailable, BadInput, CheckFailed
-from ..fileio import atomic_path
 from .jobs import (
     Progress,
     bits_per_dim,
-    check_npy_target,
-    check_sample_request,
-    check_seed,
-    sample_batch,
-    sample_batch_size,
-    score_batch,
-    score_batch_size,
+    output_array,
+    sample_rows,
+    score_rows,
 )
 
 __all__ = [
-    "ENGINES",
     "FAIL_ONCE_ENV",
     "RayOptions",
     "Shard",
     "ShardWorker",
     "plan_shards",
     "ray_session",
-    "score_distributed",
-    "sample_distributed",
+    "sample_shards",
+    "score_shards",
 ]
 
-ENGINES = ("local", "ray")
 GPU_BACKENDS = ("trt", "ort-cuda", "ort-trt")
 MAX_SHARD_BATCHES = 16
 #: Testing hook: ``"SHARD:MARKER"`` makes the worker that first takes shard ``SHARD`` create the file
@@ -169,12 +164,7 @@ class ShardWorker:
 
     def score(self, shard: Shard, rows: np.ndarray, seed: int, batch: int) -> tuple[int, np.ndarray, float]:
         self._maybe_die(shard)
-        out = np.empty(len(rows), dtype=np.float64)
-        for k, start in enumerate(range(0, len(rows), batch)):
-            chunk = rows[start : start + batch]
-            out[start : start + len(chunk)] = score_batch(
-                self.backend, self.artifact, chunk, seed, shard.first_batch + k
-            )
+        out = score_rows(self.backend, self.artifact, rows, seed, batch, shard.first_batch)
         return shard.index, out, peak_rss_mb()
 
     def sample(
@@ -182,12 +172,9 @@ class ShardWorker:
     ) -> tuple[int, np.ndarray, float, int, float]:
         self._maybe_die(shard)
         out = np.empty((len(shard), *self.artifact.data_shape), dtype=np.float32)
-        residual_max, nonfinite = 0.0, 0
-        for k, start in enumerate(range(0, len(shard), batch)):
-            size = min(batch, len(shard) - start)
-            x, res, bad = sample_batch(self.backend, self.artifact, size, temperature, seed, shard.first_batch + k)
-            out[start : start + size] = x
-            residual_max, nonfinite = max(residual_max, res), nonfinite + bad
+        residual_max, nonfinite = sample_rows(
+            self.backend, self.artifact, out, temperature, seed, batch, shard.first_batch
+        )
         return shard.index, out, residual_max, nonfinite, peak_rss_mb()
 
 
@@ -335,27 +322,23 @@ def _run_shards(
     return {"shards": len(shards), "retries": pool.retries, "workers": options.workers}
 
 
-def score_distributed(
+def score_shards(
     artifact: Artifact,
     data: np.ndarray,
-    seed: int = 0,
-    batch: int = 256,
-    options: RayOptions | None = None,
-    on_progress: Progress | None = None,
-    target: str | Path | None = None,
+    seed: int,
+    batch: int,
+    options: RayOptions,
+    on_progress: Progress | None,
+    target: Path | None,
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """:func:`jobs.score <acf_deploy.runtime.jobs.score>` on Ray: ``(log_lik, bits/dim, report)``.
+    """:func:`~acf_deploy.runtime.jobs.score_job` on Ray, for a request it has checked: ``(log_lik, bits/dim,
+    report)``.
 
     ``data`` may be a memory-mapped array: the driver reads one shard at a time. With ``target`` (``.npy``)
     the log-likelihoods are written into a memory-mapped file (atomically) and returned memory-mapped.
     The report has the shard count, retries, and the peak RSS (MB) of the driver and of the workers.
     """
-    options = options or RayOptions()
     options.check()
-    check_seed(seed)
-    batch = score_batch_size(artifact, batch)
-    if target is not None:
-        target = check_npy_target(target, len(data))
     n = len(data)
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
     worker_rss = [0.0]
@@ -363,7 +346,7 @@ def score_distributed(
     def submit(actor: Any, shard: Shard) -> Any:
         return actor.score.remote(shard, np.ascontiguousarray(data[shard.start : shard.stop]), seed, batch)
 
-    with ray_session(options.address, options.workers) as ray, _output(target, (n,), np.float64) as log_lik:
+    with ray_session(options.address, options.workers) as ray, output_array(target, (n,), np.float64) as log_lik:
 
         def accept(shard: Shard, result: tuple) -> None:
             index, values, rss = result
@@ -379,25 +362,19 @@ def score_distributed(
     return log_lik, bpd, report
 
 
-def sample_distributed(
+def sample_shards(
     artifact: Artifact,
     n: int,
-    target: str | Path,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch: int = 256,
-    options: RayOptions | None = None,
-    on_progress: Progress | None = None,
+    target: Path,
+    temperature: float,
+    seed: int,
+    batch: int,
+    options: RayOptions,
+    on_progress: Progress | None,
 ) -> dict[str, Any]:
-    """:func:`jobs.sample_to_file <acf_deploy.runtime.jobs.sample_to_file>` on Ray; same stats plus a report."""
-    from ..plots import save_grid
-
-    options = options or RayOptions()
+    """:func:`~acf_deploy.runtime.jobs.sample_job` on Ray, for a request it has checked: the stats of
+    :func:`~acf_deploy.runtime.jobs.sample_to_file` plus a report."""
     options.check()
-    target = check_sample_request(artifact, n, target, temperature)
-    check_seed(seed)
-    batch = sample_batch_size(artifact, batch)
-    shape = artifact.data_shape
     shards = plan_shards(n, batch, options.shard_batches or default_shard_batches(n, batch, options.workers))
     stats: dict[str, Any] = {"n": n, "residual_max": 0.0, "nonfinite": 0}
     worker_rss = [0.0]
@@ -405,8 +382,8 @@ def sample_distributed(
     def submit(actor: Any, shard: Shard) -> Any:
         return actor.sample.remote(shard, temperature, seed, batch)
 
-    npy = target if target.suffix == ".npy" else None
-    with ray_session(options.address, options.workers) as ray, _output(npy, (n, *shape), np.float32) as store:
+    shape = (n, *artifact.data_shape)
+    with ray_session(options.address, options.workers) as ray, output_array(target, shape, np.float32) as store:
 
         def accept(shard: Shard, result: tuple) -> None:
             index, x, residual_max, nonfinite, rss = result
@@ -417,89 +394,5 @@ def sample_distributed(
             worker_rss[0] = max(worker_rss[0], rss)
 
         stats.update(_run_shards(ray, artifact, shards, options, submit, accept, on_progress))
-        if npy is None:
-            save_grid(np.asarray(store), target)
     stats.update(driver_peak_rss_mb=peak_rss_mb(), worker_peak_rss_mb=worker_rss[0])
     return stats
-
-
-@contextmanager
-def _output(target: Path | None, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
-    """An array to fill: a memory-mapped ``.npy`` renamed into place on success, or one in memory."""
-    if target is None:
-        with nullcontext(np.empty(shape, dtype=dtype)) as array:
-            yield array
-        return
-    with atomic_path(target) as tmp:
-        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        yield store
-        store.flush()
-        del store
-
-
-def _engine_options(engine: str, backend: str, threads: int | None, options: RayOptions | None) -> RayOptions | None:
-    if engine not in ENGINES:
-        raise BadInput(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "local":
-        if options is not None and (options.address or options.workers != RayOptions.workers):
-            raise BadInput("--address and --workers need --engine ray")
-        return None
-    options = options or RayOptions()
-    options.backend = backend
-    if threads is not None:
-        options.threads = threads
-    return options
-
-
-def score_job(
-    artifact: Artifact,
-    data: np.ndarray,
-    backend: str = "ort",
-    seed: int = 0,
-    batch: int = 256,
-    engine: str = "local",
-    threads: int | None = None,
-    options: RayOptions | None = None,
-    target: str | Path | None = None,
-    on_progress: Progress | None = None,
-) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """``acf-deploy score``: one process (``local``) or Ray shards (``ray``); saves ``target`` if given."""
-    from . import open_backend
-    from .jobs import save_npy, score
-
-    options = _engine_options(engine, backend, threads, options)
-    if target is not None:
-        check_npy_target(target, len(data))
-    if options is not None:
-        return score_distributed(artifact, data, seed, batch, options, on_progress, target)
-    with open_backend(backend, artifact, threads=threads, graphs=("density",)) as runner:
-        log_lik, bpd = score(runner, artifact, data, seed, batch, on_progress)
-    if target is not None:
-        save_npy(log_lik, target)
-    return log_lik, bpd, {"engine": "local"}
-
-
-def sample_job(
-    artifact: Artifact,
-    n: int,
-    target: str | Path,
-    backend: str = "ort",
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch: int = 256,
-    engine: str = "local",
-    threads: int | None = None,
-    options: RayOptions | None = None,
-    on_progress: Progress | None = None,
-) -> dict[str, Any]:
-    """``acf-deploy sample``: one process (``local``) or Ray shards (``ray``)."""
-    from . import open_backend
-    from .jobs import sample_to_file
-
-    options = _engine_options(engine, backend, threads, options)
-    check_sample_request(artifact, n, target, temperature)
-    sample_batch_size(artifact, batch)
-    if options is not None:
-        return sample_distributed(artifact, n, target, temperature, seed, batch, options, on_progress)
-    with open_backend(backend, artifact, threads=threads, graphs=("sample",)) as runner:
-        return sample_to_file(runner, artifact, n, target, temperature, seed, batch, on_progress)

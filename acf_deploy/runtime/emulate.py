@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from ..onnx_util import walk_graphs
+
 __all__ = ["HALF_TYPES", "emulate_rounding", "half_type_of"]
 
 HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -36,19 +38,9 @@ _DATA_MOVEMENT = frozenset(
 def half_type_of(model: ModelProto) -> int | None:
     """The half element type a graph computes in (``FLOAT16`` or ``BFLOAT16``), or ``None`` for fp32."""
     found: set[int] = set()
-
-    def visit(graph: GraphProto) -> None:
-        for init in graph.initializer:
-            if init.data_type in HALF_TYPES:
-                found.add(init.data_type)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i in HALF_TYPES:
-                    found.add(attr.i)
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-
-    visit(model.graph)
+    for graph in walk_graphs(model.graph):
+        found.update(init.data_type for init in graph.initializer if init.data_type in HALF_TYPES)
+        found.update(a.i for node in graph.node for a in node.attribute if a.name == "to" and a.i in HALF_TYPES)
     if len(found) > 1:
         raise ValueError("the graph mixes float16 and bfloat16")
     return found.pop() if found else None
@@ -101,19 +93,12 @@ def _rewrite(graph: GraphProto, types: dict[str, int], half: int, counter: list[
 
 def _types(model: ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types: dict[str, int] = {}
-
-    def visit(graph: GraphProto) -> None:
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            if value.type.HasField("tensor_type"):
-                types[value.name] = value.type.tensor_type.elem_type
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-
-    visit(inferred.graph)
-    return types
+    return {
+        value.name: value.type.tensor_type.elem_type
+        for graph in walk_graphs(inferred.graph)
+        for value in (*graph.input, *graph.output, *graph.value_info)
+        if value.type.HasField("tensor_type")
+    }
 
 
 def emulate_rounding(model: ModelProto) -> ModelProto:

@@ -1,10 +1,19 @@
-"""Streaming sample and score jobs: constant memory in the number of samples, atomic outputs."""
+"""Streaming sample and score jobs: request checking, batching, the atomic output writer, engine choice.
+
+A job is checked once, before any work starts (a bad request is one error and writes nothing). Its rows
+are then computed batch by batch by :func:`sample_rows` / :func:`score_rows`, in this process or in
+shards on Ray workers (``runtime/distributed.py`` holds only what is Ray's), and written once through
+:func:`output_array`: memory stays constant in the number of rows, and an output appears complete or
+not at all.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +24,11 @@ from ..fileio import atomic_path, check_free_space, check_output_file
 from ..plots import save_grid
 from .base import Backend
 
+if TYPE_CHECKING:
+    from .distributed import RayOptions
+
 Progress = Callable[[int], None]
+ENGINES = ("local", "ray")
 MAX_GRID = 1024
 #: Memory one sampling batch may take, estimated at :data:`SAMPLE_BYTES_PER_VALUE` per data value of each
 #: row (latents, samples and the flow's hidden activations, fp32).
@@ -24,8 +37,12 @@ SAMPLE_BYTES_PER_VALUE = 256
 NPY_HEADER_BYTES = 4096
 
 
-def check_sample_request(artifact: Artifact, n: int, target: str | Path, temperature: float) -> Path:
-    """Validate a sampling request before any work starts (so a bad one fails at once, writing nothing)."""
+def check_sample_request(
+    artifact: Artifact, n: int, target: str | Path, temperature: float, seed: int = 0, batch: int = 256
+) -> tuple[Path, int]:
+    """Validate a sampling request before any work starts (so a bad one fails at once, writing nothing).
+
+    Returns the output path and the batch size the job uses."""
     target = Path(target)
     if target.suffix not in (".npy", ".png"):
         raise BadInput(f"--out must end in .npy or .png, not {target.suffix or '(none)'}")
@@ -40,7 +57,17 @@ def check_sample_request(artifact: Artifact, n: int, target: str | Path, tempera
     check_output_file(target)
     if target.suffix == ".npy":
         check_free_space(target, n * artifact.dim * 4 + NPY_HEADER_BYTES)
-    return target
+    check_seed(seed)
+    return target, sample_batch_size(artifact, batch)
+
+
+def check_score_request(
+    artifact: Artifact, n: int, target: str | Path | None = None, seed: int = 0, batch: int = 256
+) -> tuple[Path | None, int]:
+    """Validate a scoring request of ``n`` rows; returns the output path (if any) and the batch size used."""
+    target = None if target is None else check_npy_target(target, n)
+    check_seed(seed)
+    return target, score_batch_size(artifact, batch)
 
 
 def sample_batch_size(artifact: Artifact, batch: int) -> int:
@@ -64,33 +91,55 @@ def sample_to_file(
     on_progress: Progress | None = None,
 ) -> dict[str, float]:
     """Draw ``n`` samples in batches into ``.npy`` (memory-mapped) or a ``.png`` grid; returns residual stats."""
-    target = check_sample_request(artifact, n, target, temperature)
-    check_seed(seed)
-    batch = sample_batch_size(artifact, batch)
-    shape = artifact.data_shape
-    stats = {"n": n, "residual_max": 0.0, "nonfinite": 0}
+    target, batch = check_sample_request(artifact, n, target, temperature, seed, batch)
+    return _sample_checked(backend, artifact, n, target, temperature, seed, batch, on_progress)
 
-    def draw(store: np.ndarray) -> None:
-        for index, start in enumerate(range(0, n, batch)):
-            size = min(batch, n - start)
-            x, residual_max, nonfinite = sample_batch(backend, artifact, size, temperature, seed, index)
-            store[start : start + size] = x
-            stats["residual_max"] = max(stats["residual_max"], residual_max)
-            stats["nonfinite"] += nonfinite
-            if on_progress:
-                on_progress(size)
 
-    if target.suffix == ".png":
-        images = np.empty((n, *shape), dtype=np.float32)
-        draw(images)
-        save_grid(images, target)
-    else:
-        with atomic_path(target) as tmp:
-            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *shape))
-            draw(store)
-            store.flush()
-            del store
+def _sample_checked(backend, artifact, n, target, temperature, seed, batch, on_progress) -> dict[str, float]:
+    stats: dict[str, float] = {"n": n, "residual_max": 0.0, "nonfinite": 0}
+    with output_array(target, (n, *artifact.data_shape), np.float32) as store:
+        residual_max, nonfinite = sample_rows(backend, artifact, store, temperature, seed, batch, 0, on_progress)
+    stats.update(residual_max=residual_max, nonfinite=nonfinite)
     return stats
+
+
+def sample_rows(
+    backend: Backend,
+    artifact: Artifact,
+    store: np.ndarray,
+    temperature: float,
+    seed: int,
+    batch: int,
+    first_batch: int = 0,
+    on_progress: Progress | None = None,
+) -> tuple[float, int]:
+    """Fill ``store`` with samples, batch by batch from batch ``first_batch``: ``(largest residual, non-finite)``."""
+    residual_max, nonfinite = 0.0, 0
+    for k, start in enumerate(range(0, len(store), batch)):
+        size = min(batch, len(store) - start)
+        x, residual, bad = sample_batch(backend, artifact, size, temperature, seed, first_batch + k)
+        store[start : start + size] = x
+        residual_max, nonfinite = max(residual_max, residual), nonfinite + bad
+        if on_progress:
+            on_progress(size)
+    return residual_max, nonfinite
+
+
+@contextmanager
+def output_array(target: Path | None, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
+    """An array to fill: a ``.npy`` written through a memory map and renamed into place on success; a
+    ``.png`` grid of images saved once it is full; or, without a target, an array in memory."""
+    if target is None or target.suffix == ".png":
+        array = np.empty(shape, dtype=dtype)
+        yield array
+        if target is not None:
+            save_grid(array, target)
+        return
+    with atomic_path(target) as tmp:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield store
+        store.flush()
+        del store
 
 
 def load_score_data(artifact: Artifact, data: str) -> np.ndarray:
@@ -119,15 +168,28 @@ def score(
     on_progress: Progress | None = None,
 ) -> tuple[np.ndarray, float]:
     """Per-sample log-likelihood in nats of the data (discrete for images) and the dataset's bits/dim."""
-    check_seed(seed)
-    batch = score_batch_size(artifact, batch)
-    log_lik = np.empty(len(data), dtype=np.float64)
-    for index, start in enumerate(range(0, len(data), batch)):
-        rows = score_batch(backend, artifact, data[start : start + batch], seed, index)
-        log_lik[start : start + len(rows)] = rows
-        if on_progress:
-            on_progress(len(rows))
+    _, batch = check_score_request(artifact, len(data), None, seed, batch)
+    log_lik = score_rows(backend, artifact, data, seed, batch, 0, on_progress)
     return log_lik, bits_per_dim(artifact, log_lik)
+
+
+def score_rows(
+    backend: Backend,
+    artifact: Artifact,
+    rows: np.ndarray,
+    seed: int,
+    batch: int,
+    first_batch: int = 0,
+    on_progress: Progress | None = None,
+) -> np.ndarray:
+    """Log-likelihoods (float64 nats) of ``rows``, batch by batch from batch ``first_batch``."""
+    log_lik = np.empty(len(rows), dtype=np.float64)
+    for k, start in enumerate(range(0, len(rows), batch)):
+        values = score_batch(backend, artifact, rows[start : start + batch], seed, first_batch + k)
+        log_lik[start : start + len(values)] = values
+        if on_progress:
+            on_progress(len(values))
+    return log_lik
 
 
 def bits_per_dim(artifact: Artifact, log_lik: np.ndarray) -> float:
@@ -135,7 +197,7 @@ def bits_per_dim(artifact: Artifact, log_lik: np.ndarray) -> float:
     return float(-log_lik.mean() / (artifact.dim * math.log(2)))
 
 
-# Randomness, per batch (DESIGN 1.4, 2). Every random draw of a job comes from the generator of the
+# Randomness, per batch (docs/guarantees.md §1). Every random draw of a job comes from the generator of the
 # batch it belongs to, derived from (seed, stream, batch index) alone: batch ``i`` covers rows
 # ``[i * batch, (i + 1) * batch)`` and gets the same dequantisation noise, probes or latents whichever
 # process computes it and whatever ran before. A distributed job whose shards are runs of whole
@@ -211,3 +273,77 @@ def save_npy(values: np.ndarray, target: str | Path) -> Path:
         with open(tmp, "wb") as handle:
             np.save(handle, values)
     return target
+
+
+# --------------------------------------------------------------------------- the jobs the CLI runs
+def engine_options(engine: str, backend: str, threads: int | None, options: RayOptions | None) -> RayOptions | None:
+    """The Ray options of a job on ``engine`` (``None`` for one local process), its backend and threads set."""
+    from .distributed import RayOptions
+
+    if engine not in ENGINES:
+        raise BadInput(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "local":
+        if options is not None and (options.address or options.workers != RayOptions.workers):
+            raise BadInput("--address and --workers need --engine ray")
+        return None
+    options = options or RayOptions()
+    options.backend = backend
+    if threads is not None:
+        options.threads = threads
+    return options
+
+
+def sample_job(
+    artifact: Artifact,
+    n: int,
+    target: str | Path,
+    *,
+    backend: str = "ort",
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch: int = 256,
+    engine: str = "local",
+    threads: int | None = None,
+    options: RayOptions | None = None,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``acf-deploy sample``: ``n`` samples into ``target``, in one process (``local``) or Ray shards (``ray``)."""
+    from . import open_backend
+
+    options = engine_options(engine, backend, threads, options)
+    target, batch = check_sample_request(artifact, n, target, temperature, seed, batch)
+    if options is not None:
+        from .distributed import sample_shards
+
+        return sample_shards(artifact, n, target, temperature, seed, batch, options, on_progress)
+    with open_backend(backend, artifact, threads=threads, graphs=("sample",)) as runner:
+        return _sample_checked(runner, artifact, n, target, temperature, seed, batch, on_progress)
+
+
+def score_job(
+    artifact: Artifact,
+    data: np.ndarray,
+    *,
+    backend: str = "ort",
+    seed: int = 0,
+    batch: int = 256,
+    engine: str = "local",
+    threads: int | None = None,
+    options: RayOptions | None = None,
+    target: str | Path | None = None,
+    on_progress: Progress | None = None,
+) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """``acf-deploy score``: ``(log-likelihoods, bits/dim, report)`` in one process or Ray shards; saves ``target``."""
+    from . import open_backend
+
+    options = engine_options(engine, backend, threads, options)
+    target, batch = check_score_request(artifact, len(data), target, seed, batch)
+    if options is not None:
+        from .distributed import score_shards
+
+        return score_shards(artifact, data, seed, batch, options, on_progress, target)
+    with open_backend(backend, artifact, threads=threads, graphs=("density",)) as runner:
+        log_lik = score_rows(runner, artifact, data, seed, batch, 0, on_progress)
+    if target is not None:
+        save_npy(log_lik, target)
+    return log_lik, bits_per_dim(artifact, log_lik), {"engine": "local"}

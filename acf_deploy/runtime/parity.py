@@ -1,9 +1,9 @@
-"""The comparator: judges a backend's outputs against the PyTorch reference or ``golden.npz`` (DESIGN 5).
+"""The comparator: judges a backend's outputs against the PyTorch reference or ``golden.npz`` (docs/guarantees.md §5).
 
 Same seeded latents, data and probes go through both sides. Per output it reports max / mean /
 p99 absolute and relative error and the absolute tolerance each would need at the given rtol;
 then the density metrics, round trips, fixed-point residuals and non-finite counts. Pass/fail uses
-DESIGN 5's limits; on failure the first residual block whose output diverges is named.
+the limits of docs/guarantees.md §5; on failure the first residual block whose output diverges is named.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..artifact import Artifact
 from ..errors import BadInput
 from .base import Arrays, Backend
 
-#: DESIGN 5 limits for fp32 parity against the fp32 reference.
+#: The fp32 parity limits against the fp32 reference (docs/guarantees.md §5).
 LIMITS = {
     "bits_per_dim_delta": 1e-5,
     "sample_max_abs": 1e-4,
@@ -25,9 +25,9 @@ LIMITS = {
     "roundtrip_max_abs": 1e-4,
 }
 
-#: Binding limits per exported precision, always against the fp32 PyTorch reference. DESIGN 5 bounds
-#: reduced precision by the aggregate bits/dim only; per-sample errors are reported, not judged.
-#: bf16 has no DESIGN bound: we use the fp16 one scaled by the ratio of unit roundoffs (2^-8 / 2^-11).
+#: Binding limits per exported precision, always against the fp32 PyTorch reference. Reduced
+#: precision is bounded by the aggregate bits/dim only; per-sample errors are reported, not judged.
+#: bf16 uses the fp16 bound scaled by the ratio of unit roundoffs (2^-8 / 2^-11).
 LIMITS_BY_PRECISION = {
     "fp32": LIMITS,
     "fp16": {"bits_per_dim_delta": 1e-3},
@@ -160,7 +160,7 @@ def _judge(
     failures = [
         f"{k} = {metrics[k]:.3g} > {limit:g}" for k, limit in limits.items() if k in metrics and metrics[k] > limit
     ]
-    if precision == "fp32":  # per-output tolerances bind at fp32 only (DESIGN 5)
+    if precision == "fp32":  # per-output tolerances bind at fp32 only (docs/guarantees.md §5)
         failures += [f"{o.name} needs atol {o.atol_needed:.3g}" for o in outputs if not o.passed]
     if metrics["nonfinite"]:
         failures.append(f"{metrics['nonfinite']} non-finite outputs")
@@ -249,8 +249,7 @@ def data_batch(artifact: Artifact, n: int, seed: int) -> np.ndarray:
     held-out levels the export stored in ``golden.npz`` when it had no dataset (an imported model's samples)."""
     import torch
 
-    from ..data import training_data
-    from ..train import to_model_space
+    from ..data import to_model_space, training_data
 
     config = artifact.manifest["config"]
     if artifact.manifest.get("heldout", {}).get("source") in ("model samples", "file"):

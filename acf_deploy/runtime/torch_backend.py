@@ -1,39 +1,20 @@
 """The PyTorch reference backend: the very modules that were traced, run eagerly in fp32.
 
-It is also the eager baseline of ``acf-deploy bench`` (issue 5), so it runs in its fastest honest
+It is also the eager baseline of ``acf-deploy bench``, so it runs in its fastest honest
 form: the same baked module with the same folded constants, built once, in eval mode under
 ``torch.inference_mode``, with the manifest's iteration counts and an explicit thread count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
 from ..artifact import Artifact
 from ..checkpoint import load_checkpoint
+from ..computations import DensityGraph, SampleGraph, density_io, reference_density
 from ..errors import BadInput
-from ..exporters.graphs import DensityGraph, SampleGraph, density_io
-from ..flows.flow import Flow
 from .base import Arrays, Backend
-
-
-@torch.inference_mode()
-def reference_sample(flow: Flow, counts: Sequence[int], z: np.ndarray, temperature: np.ndarray) -> Arrays:
-    x, residual = SampleGraph(flow, counts)(torch.from_numpy(z), torch.from_numpy(temperature))
-    return {"x": x.numpy(), "residual": residual.numpy()}
-
-
-@torch.inference_mode()
-def reference_density(
-    flow: Flow, mode: str, terms: int, x: np.ndarray, probes: np.ndarray | None, trace: bool = False
-) -> Arrays:
-    graph = DensityGraph(flow, mode, terms, with_trace=trace)
-    outputs = graph(torch.from_numpy(x), None if probes is None else torch.from_numpy(probes))
-    names = density_io(mode, len(flow.residual_blocks()) if trace else 0)[1]
-    return {name: value.numpy() for name, value in zip(names, outputs, strict=True)}
 
 
 def set_torch_threads(threads: int) -> None:

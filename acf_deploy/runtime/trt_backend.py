@@ -1,4 +1,4 @@
-"""The ``trt`` backend: engines from ``acf-deploy build`` run on torch CUDA tensors (issue 4).
+"""The ``trt`` backend: engines from ``acf-deploy build`` run on torch CUDA tensors.
 
 Engines contain executable code, so only a plan whose sha256 matches the manifest is deserialized.
 Buffers are torch CUDA tensors bound by address (no pycuda); ``execute_async_v3`` runs on a torch
@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import trt_util
 from ..artifact import Artifact
 from ..errors import BackendUnavailable, BadInput, CheckFailed
-from ..exporters.tensorrt import DeviceInfo, TrtLogger, cuda_device, import_tensorrt, make_logger
+from ..trt_util import DeviceInfo, TrtLogger
 from .base import Arrays, Backend
 
 if TYPE_CHECKING:
@@ -183,9 +184,9 @@ class TrtBackend(Backend):
 
     def __init__(self, artifact: Artifact, use_cuda_graph: bool = False):
         super().__init__(artifact)
-        trt = import_tensorrt()
-        self.device: DeviceInfo = cuda_device()
-        self._logger: TrtLogger = make_logger(trt)
+        trt = trt_util.import_tensorrt()
+        self.device: DeviceInfo = trt_util.cuda_device()
+        self._logger: TrtLogger = trt_util.make_logger(trt)
         self.runtime = trt.Runtime(self._logger)
         self._stream = _CudaStream(self.device.torch_device)
         max_safe = artifact.manifest.get("max_safe_batch")
