@@ -145,6 +145,25 @@ def test_jvp_matches_autodiff(kind: str, heads: int):
     torch.testing.assert_close(module.jvp(x, v)[1], dy_b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["l2", "dp", "gated-l2", "tanh-dp"])
+def test_linearize_applies_to_many_tangents(kind: str):
+    """One linearization, applied to tangents shared by the batch ``(1, K, ...)`` or per sample ``(B, K, ...)``,
+    gives every tangent's JVP, so the log-dets need the primal once."""
+    torch.manual_seed(7)
+    module = _make(kind, 2).double()
+    module.bake()
+    x = torch.randn(3, DIM, *HW, dtype=torch.float64)
+    shared, own = torch.randn(1, 5, DIM, *HW, dtype=torch.float64), torch.randn(3, 5, DIM, *HW, dtype=torch.float64)
+    y, apply = module.linearize(x)
+    torch.testing.assert_close(y, module(x), rtol=0, atol=0)
+    for vs in (shared, own):
+        got = apply(vs)
+        assert got.shape == (3, 5, DIM, *HW)
+        for k in range(5):
+            expected = torch.func.jvp(module, (x,), (vs[:, k].expand_as(x),))[1]
+            torch.testing.assert_close(got[:, k], expected, rtol=1e-10, atol=1e-12)
+
+
 # --- L2 bound -------------------------------------------------------------------------------
 
 

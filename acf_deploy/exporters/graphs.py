@@ -97,8 +97,55 @@ def _lu_body(prefix: str, dim: int, dtype: int) -> onnx.GraphProto:
     )
 
 
+#: Elimination steps per LU phase: each phase continues on the Schur complement its predecessor left.
+LU_PHASE = 16
+
+
+def _lu_phases(p: str, matrix: str, dim: int, dtype: int) -> tuple[list, list, str]:
+    """Nodes and initializers that eliminate ``matrix`` (B, D, D) in phases; returns the name of its pivots (B, D)."""
+    nodes: list = []
+    inits: list = []
+    diagonals = []
+    for start in range(0, dim, LU_PHASE):
+        q, size, steps = f"{p}{start}/", dim - start, min(LU_PHASE, dim - start)
+        inits += [
+            helper.make_tensor(f"{q}trip", TensorProto.INT64, [], [steps]),
+            helper.make_tensor(f"{q}eye", dtype, [steps, size], torch.eye(steps, size).flatten().tolist()),
+            helper.make_tensor(f"{q}zero", TensorProto.INT64, [1], [0]),
+            helper.make_tensor(f"{q}steps", TensorProto.INT64, [1], [steps]),
+            helper.make_tensor(f"{q}row_axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor(f"{q}col_axis", TensorProto.INT64, [1], [-1]),
+        ]
+        nodes += [
+            helper.make_node(
+                "Loop", [f"{q}trip", "", matrix], [f"{q}u"], body=_lu_body(q, size, dtype), name=f"{q}loop"
+            ),
+            # this phase's pivots: the diagonal of its first ``steps`` rows
+            helper.make_node("Slice", [f"{q}u", f"{q}zero", f"{q}steps", f"{q}row_axis"], [f"{q}rows"]),
+            helper.make_node("Mul", [f"{q}rows", f"{q}eye"], [f"{q}diag_full"]),
+            helper.make_node("ReduceSum", [f"{q}diag_full", f"{q}col_axis"], [f"{q}diag"], keepdims=0),
+        ]
+        diagonals.append(f"{q}diag")
+        if steps < size:  # what is left below and right of the eliminated rows and columns
+            inits += [
+                helper.make_tensor(f"{q}from", TensorProto.INT64, [2], [steps, steps]),
+                helper.make_tensor(f"{q}to", TensorProto.INT64, [2], [size, size]),
+                helper.make_tensor(f"{q}axes", TensorProto.INT64, [2], [1, 2]),
+            ]
+            nodes.append(helper.make_node("Slice", [f"{q}u", f"{q}from", f"{q}to", f"{q}axes"], [f"{q}rest"]))
+            matrix = f"{q}rest"
+    nodes.append(helper.make_node("Concat", diagonals, [f"{p}diag"], axis=1))
+    return nodes, inits, f"{p}diag"
+
+
 def expand_lu_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every ``acf::LuLogdet`` node by a ``Loop`` of ``D`` elimination steps and a diagonal read-out."""
+    """Replace every ``acf::LuLogdet`` node by ``Loop`` phases of elimination steps and a diagonal read-out.
+
+    A step updates the whole remaining matrix under a mask (no shapes that change inside a loop), so after
+    each :data:`LU_PHASE` steps the eliminated rows and columns are sliced off: the lower-right block left
+    is the Schur complement, whose LU continues with the same pivots. For ``D = 64`` that is 2.1x less
+    elimination work than masking the full ``D x D`` matrix for all ``D`` steps.
+    """
     graph = model.graph
     nodes: list = []
     for index, node in enumerate(graph.node):
@@ -106,26 +153,15 @@ def expand_lu_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         dim = next(attr.i for attr in node.attribute if attr.name == "dim")
-        dtype = TensorProto.FLOAT
         p = f"lu{index}/"
-        trip = f"{p}trip"
-        graph.initializer.extend(
-            [
-                helper.make_tensor(trip, TensorProto.INT64, [], [dim]),
-                helper.make_tensor(f"{p}eye", dtype, [dim, dim], torch.eye(dim).flatten().tolist()),
-                helper.make_tensor(f"{p}last", TensorProto.INT64, [1], [-1]),
-            ]
-        )
+        phases, inits, diag = _lu_phases(p, node.input[0], dim, TensorProto.FLOAT)
+        graph.initializer.extend([*inits, helper.make_tensor(f"{p}last", TensorProto.INT64, [1], [-1])])
         logdet, pivot = node.output
         nodes += [
-            helper.make_node(
-                "Loop", [trip, "", node.input[0]], [f"{p}u"], body=_lu_body(p, dim, dtype), name=f"{p}loop"
-            ),
-            helper.make_node("Mul", [f"{p}u", f"{p}eye"], [f"{p}diag_full"]),
-            helper.make_node("ReduceSum", [f"{p}diag_full", f"{p}last"], [f"{p}diag"], keepdims=0),
-            helper.make_node("Log", [f"{p}diag"], [f"{p}logs"]),
+            *phases,
+            helper.make_node("Log", [diag], [f"{p}logs"]),
             helper.make_node("ReduceSum", [f"{p}logs", f"{p}last"], [logdet], keepdims=0),
-            helper.make_node("ReduceMin", [f"{p}diag"], [pivot], axes=[-1], keepdims=0),
+            helper.make_node("ReduceMin", [diag], [pivot], axes=[-1], keepdims=0),
         ]
     del graph.node[:]
     graph.node.extend(nodes)

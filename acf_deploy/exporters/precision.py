@@ -30,7 +30,7 @@ from onnx import TensorProto
 from torch import nn
 
 from ..errors import BadInput, CheckFailed
-from ..flows.base import Branch, Tensor
+from ..flows.base import Branch, Linear, Tensor, lift
 from ..flows.blocks import ResidualBlock
 from ..flows.flow import Flow
 from ..flows.layers import AffineCoupling
@@ -72,9 +72,9 @@ class _CastBranch(Branch):
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x.to(self.dtype)).float()
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        y, dy = self.inner.jvp(x.to(self.dtype), v.to(self.dtype))
-        return y.float(), dy.float()
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
+        y, apply = self.inner.linearize(x.to(self.dtype))
+        return y.float(), lambda vs: apply(vs.to(self.dtype)).float()
 
     def lipschitz(self) -> float:
         return self.inner.lipschitz()
@@ -104,11 +104,11 @@ class _HalfLipSwish(LipSwish):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(self.beta() * x) * _INV_1_1
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
         beta = self.beta()
         s = torch.sigmoid(beta * x)
-        slope = (s + beta * x * s * (1 - s)) * _INV_1_1
-        return x * s * _INV_1_1, v * slope
+        slope = lift((s + beta * x * s * (1 - s)) * _INV_1_1)
+        return x * s * _INV_1_1, lambda vs: vs * slope
 
 
 def _swap_lipswish(module: nn.Module) -> None:

@@ -20,7 +20,7 @@ from scipy.special import lambertw
 from torch import nn
 
 from ..errors import BadInput
-from .base import Branch, Tensor
+from .base import Branch, Linear, Tensor, lift
 
 __all__ = [
     "ACFBranch",
@@ -57,6 +57,21 @@ def _tokens(x: Tensor) -> Tensor:
 def _untokens(t: Tensor, like: Tensor) -> Tensor:
     """Inverse of :func:`_tokens`."""
     return t.transpose(1, 2).reshape(like.shape)
+
+
+def _tangent_heads(vs: Tensor, weight: Tensor) -> Tensor:
+    """Tangents ``(T, K, C, H, W)`` projected per head: ``(T, K, heads, N, d)``.
+
+    Positive axes and reshapes whose targets are static but for the leading axis, like the primal path,
+    so the exported graph's shape chains fold to constants.
+    """
+    return vs.flatten(3).transpose(2, 3).unsqueeze(2) @ weight
+
+
+def _tangent_output(dz: Tensor, out: Tensor, like: Tensor) -> Tensor:
+    """``(T, K, heads, N, d)`` -> concatenated heads, ``W_O``, back to maps ``(T, K, C, H, W)`` of ``like``'s size."""
+    t = dz.transpose(2, 3).flatten(3) @ out
+    return t.transpose(2, 3).reshape(t.shape[0], t.shape[1], *like.shape[1:])
 
 
 def _split_orthogonal(dim: int, heads: int) -> Tensor:
@@ -109,14 +124,13 @@ class _Attention(Branch):
         self.baked = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, None)[0]
+        return self._run(x)[0]
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        y, dy = self._run(x, v)
-        assert dy is not None
-        return y, dy
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
+        return self._run(x)
 
-    def _run(self, x: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _run(self, x: Tensor) -> tuple[Tensor, Linear]:
+        """The output and its linearization, which only runs when applied (so ``forward`` pays nothing)."""
         raise NotImplementedError
 
 
@@ -179,7 +193,7 @@ class L2Attention(_Attention):
         self.baked_bound = bound.to(dtype)
         self.baked = True
 
-    def _run(self, x: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _run(self, x: Tensor) -> tuple[Tensor, Linear]:
         self._check(x)
         m, out = self._folded()
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -191,14 +205,17 @@ class L2Attention(_Attention):
         y = q @ m  # X A_h V_h
         z = p @ y
         result = _untokens(_concat_heads(z) @ out, x)
-        if v is None:
-            return result, None
-        dq = _tokens(v).unsqueeze(1) @ self.weight_qk
-        dsq = (q * dq).sum(-1)  # half the tangent of |q_i|^2
-        cross = dq @ q.transpose(-1, -2)
-        dlogits = (2.0 * (cross + cross.transpose(-1, -2)) - 2.0 * (dsq.unsqueeze(-1) + dsq.unsqueeze(-2))) * scale
-        dz = _softmax_jvp(p, dlogits) @ y + p @ (dq @ m)
-        return result, _untokens(_concat_heads(dz) @ out, x)
+
+        def apply(vs: Tensor) -> Tensor:
+            q1, p1 = lift(q), lift(p)
+            dq = _tangent_heads(vs, self.weight_qk)
+            dsq = (q1 * dq).sum(-1)  # half the tangent of |q_i|^2
+            cross = dq @ q1.transpose(-1, -2)
+            dlogits = (2.0 * (cross + cross.transpose(-1, -2)) - 2.0 * (dsq.unsqueeze(-1) + dsq.unsqueeze(-2))) * scale
+            dz = _softmax_jvp(p1, dlogits) @ lift(y) + p1 @ (dq @ m)
+            return _tangent_output(dz, out, x)
+
+        return result, apply
 
 
 class DotProductAttention(_Attention):
@@ -261,7 +278,7 @@ class DotProductAttention(_Attention):
         self.baked_bound = bound.to(dtype)
         self.baked = True
 
-    def _run(self, x: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _run(self, x: Tensor) -> tuple[Tensor, Linear]:
         self._check(x)
         out = self.baked_out if self.baked else self.weight_o / self.bound()
         t = _tokens(x).unsqueeze(1)
@@ -277,28 +294,31 @@ class DotProductAttention(_Attention):
         p = torch.softmax(scores, dim=-1)
         z = p @ val
         result = _untokens(_concat_heads(z) @ out, x)
-        if v is None:
-            return result, None
-        dt = _tokens(v).unsqueeze(1)
-        dq, dk, dval = dt @ self.weight_q, dt @ self.weight_k, dt @ self.weight_v
-        du = (q * dq).sum((-2, -1)) / u.clamp_min(1e-30)
-        # max over rows: differentiate the selected (argmax) row, as autograd does
-        k_at = k_rows.argmax(-1, keepdim=True)
-        v_at = v_rows.argmax(-1, keepdim=True)
-        dkn = _row_norm_tangent(k, dk, k_at) / kn.clamp_min(1e-30)
-        dvn = _row_norm_tangent(val, dval, v_at) / vn.clamp_min(1e-30)
-        dcandidates = torch.stack([du * kn + u * dkn, du * vn + u * dvn, dkn * vn + kn * dvn], dim=-1)
-        dm = torch.gather(dcandidates, -1, candidates.argmax(-1, keepdim=True)).squeeze(-1)
-        dm4 = dm.unsqueeze(-1).unsqueeze(-1)
-        dscores = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) / m4 - scores * (dm4 / m4)
-        dz = _softmax_jvp(p, dscores) @ val + p @ dval
-        return result, _untokens(_concat_heads(dz) @ out, x)
+
+        def apply(vs: Tensor) -> Tensor:
+            q1, k1, val1, u1, kn1, vn1, m1, p1 = (lift(a) for a in (q, k, val, u, kn, vn, m4, p))
+            dq, dk, dval = (_tangent_heads(vs, w) for w in (self.weight_q, self.weight_k, self.weight_v))
+            du = (q1 * dq).sum((-2, -1)) / u1.clamp_min(1e-30)
+            n = self.n_tokens
+            dkn = _select((k1 * dk).sum(-1), lift(k_rows.argmax(-1, keepdim=True)), n) / kn1.clamp_min(1e-30)
+            dvn = _select((val1 * dval).sum(-1), lift(v_rows.argmax(-1, keepdim=True)), n) / vn1.clamp_min(1e-30)
+            dcandidates = torch.stack([du * kn1 + u1 * dkn, du * vn1 + u1 * dvn, dkn * vn1 + kn1 * dvn], dim=-1)
+            dm4 = _select(dcandidates, lift(candidates.argmax(-1, keepdim=True)), 3).unsqueeze(-1).unsqueeze(-1)
+            dscores = (dq @ k1.transpose(-1, -2) + q1 @ dk.transpose(-1, -2)) / m1 - lift(scores) * (dm4 / m1)
+            dz = _softmax_jvp(p1, dscores) @ val1 + p1 @ dval
+            return _tangent_output(dz, out, x)
+
+        return result, apply
 
 
-def _row_norm_tangent(a: Tensor, da: Tensor, at: Tensor) -> Tensor:
-    """``a_r . da_r`` for the row ``r = at`` of each ``(B, heads, N, d)`` block: ``|a_r| d|a_r|``."""
-    index = at.unsqueeze(-1).expand(*at.shape, a.shape[-1])  # (B, heads, 1, d)
-    return (torch.gather(a, 2, index) * torch.gather(da, 2, index)).sum((-2, -1))
+def _select(values: Tensor, index: Tensor, n: int) -> Tensor:
+    """``values[..., index]`` along the last axis of size ``n``; ``index`` keeps a last axis of 1 and broadcasts.
+
+    A mask rather than ``gather``, so that primal indices ``(B, 1, ...)`` select from tangents ``(T, K, ...)``;
+    with the max over rows this differentiates the selected (argmax) row, as autograd does.
+    """
+    mask = torch.arange(n, device=values.device) == index
+    return (values * mask.to(values.dtype)).sum(-1)
 
 
 #: The gates :class:`GatedAttention` offers.
@@ -367,10 +387,10 @@ class GatedAttention(Branch):
         a, b = self._coeffs()
         return a * h + b * self.attn(h)
 
-    def jvp(self, h: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def linearize(self, h: Tensor) -> tuple[Tensor, Linear]:
         a, b = self._coeffs()
-        y, dy = self.attn.jvp(h, v)
-        return a * h + b * y, a * v + b * dy
+        y, apply = self.attn.linearize(h)
+        return a * h + b * y, lambda vs: a * vs + b * apply(vs)
 
     def lipschitz(self) -> float:
         a, b = (float(c.detach()) for c in self._coeffs())
@@ -414,9 +434,9 @@ class ACFBranch(Branch):
     def forward(self, x: Tensor) -> Tensor:
         return self.c * self.attn(x)
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        y, dy = self.attn.jvp(x, v)
-        return self.c * y, self.c * dy
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
+        y, apply = self.attn.linearize(x)
+        return self.c * y, lambda vs: self.c * apply(vs)
 
     def lipschitz(self) -> float:
         return self.c * self.attn.lipschitz()

@@ -79,11 +79,12 @@ EAGER_JVP_ELEMENTS = 1 << 26
 
 
 def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)`` from batched JVPs over the basis.
+    """``(g(x), J^T)`` with ``J^T`` of shape ``(B, D, D)``: ``g`` linearized once, then applied to the basis.
 
-    Traced for export it is one batched JVP. Run eagerly, the basis is split into chunks whose widest
-    intermediate stays within :data:`EAGER_JVP_ELEMENTS`, so large inputs (e.g. attention over 784
-    pixels) need bounded memory.
+    The basis is the same for every sample, so it enters as one ``(1, D, *shape)`` batch: a linear first map
+    computes its columns once for the whole batch (a constant once traced). Traced for export it is one
+    application. Run eagerly, the basis is split into chunks whose widest intermediate stays within
+    :data:`EAGER_JVP_ELEMENTS`, so large inputs (e.g. attention over 784 pixels) need bounded memory.
     """
     b, shape = x.shape[0], x.shape[1:]
     dim = math.prod(shape)
@@ -91,14 +92,11 @@ def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
     chunk = dim
     if not torch.jit.is_tracing():
         chunk = max(1, min(dim, EAGER_JVP_ELEMENTS // (b * widest_per_sample(g, x[0].numel()))))
-    gx, parts = None, []
+    gx, apply = g.linearize(x)
+    parts = []
     for start in range(0, dim, chunk):
-        n = min(chunk, dim - start)
-        x_rep = x.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
-        tangents = basis[:, start : start + n].expand(b, n, *shape).reshape(b * n, *shape)
-        gx_rep, columns = g.jvp(x_rep, tangents)
-        gx = gx_rep.reshape(b, n, *shape)[:, 0] if gx is None else gx
-        parts.append(columns.reshape(b, n, dim))
+        columns = apply(basis[:, start : start + chunk])  # (1, n, ...) only if g were linear
+        parts.append(columns.expand(b, *columns.shape[1:]).reshape(b, -1, dim))
     return gx, parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -111,18 +109,17 @@ def exact_logdet(g: Branch, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def series_logdet(g: Branch, x: Tensor, probes: Tensor, terms: int) -> tuple[Tensor, Tensor]:
-    """``(g(x), log-det estimate)`` from ``terms`` series terms averaged over the probes ``(B, P, D)``."""
-    b, n_probes, shape = x.shape[0], probes.shape[1], x.shape[1:]
-    x_rep = x.unsqueeze(1).expand(b, n_probes, *shape).reshape(b * n_probes, *shape)
-    v = probes.reshape(b * n_probes, *shape)
-    w = v
-    total = x.new_zeros(b * n_probes)
-    gx_rep = x_rep
+    """``(g(x), log-det estimate)`` from ``terms`` series terms averaged over the probes ``(B, P, D)``.
+
+    ``g`` is linearized once; each term applies that linearization to the previous term's vectors.
+    """
+    v = probes.reshape(x.shape[0], probes.shape[1], *x.shape[1:])
+    gx, apply = g.linearize(x)
+    w, total = v, x.new_zeros(probes.shape[:2])
     for k in range(1, terms + 1):
-        gx_rep, w = g.jvp(x_rep, w)
-        total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
-    gx = gx_rep.reshape(b, n_probes, *shape)[:, 0]
-    return gx, total.reshape(b, n_probes).mean(1)
+        w = apply(w)
+        total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(2).sum(2)
+    return gx, total.mean(1)
 
 
 def series_truncation_bound(dim: int, lipschitz: float, terms: int) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Branch, Tensor
+from .base import Branch, Linear, Tensor, lift, per_tangent
 
 #: Largest explicit operator (rows or columns) whose norm is computed by a dense SVD.
 DENSE_SVD_LIMIT = 4096
@@ -136,9 +136,9 @@ class SNLinear(_SpectralNorm):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
         weight = self.effective_weight()
-        return F.linear(x, weight, self.bias), F.linear(v, weight)
+        return F.linear(x, weight, self.bias), lambda vs: F.linear(vs, weight)
 
 
 class SNConv2d(_SpectralNorm):
@@ -201,9 +201,13 @@ class SNConv2d(_SpectralNorm):
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.effective_weight(), self.bias, padding=self.padding)
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
         weight = self.effective_weight()
-        return F.conv2d(x, weight, self.bias, padding=self.padding), F.conv2d(v, weight, padding=self.padding)
+
+        def apply(vs: Tensor) -> Tensor:
+            return per_tangent(lambda v: F.conv2d(v, weight, padding=self.padding), vs)
+
+        return F.conv2d(x, weight, self.bias, padding=self.padding), apply
 
 
 class LipSwish(Branch):
@@ -220,11 +224,11 @@ class LipSwish(Branch):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(self.beta() * x) / 1.1
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
         beta = self.beta()
         s = torch.sigmoid(beta * x)
-        slope = (s + beta * x * s * (1 - s)) / 1.1
-        return x * s / 1.1, v * slope
+        slope = lift((s + beta * x * s * (1 - s)) / 1.1)
+        return x * s / 1.1, lambda vs: vs * slope
 
     def lipschitz(self) -> float:
         return 1.0

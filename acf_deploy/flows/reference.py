@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Branch, Chain, Tensor
+from .base import Branch, Chain, Linear, Tensor, lift
 from .blocks import ResidualBlock
 from .fork_attention import ForkDotProductAttention, ForkL2Attention
 from .layers import ActNorm, Squeeze
@@ -68,8 +68,9 @@ class _Elementwise(Branch):
     def forward(self, x: Tensor) -> Tensor:
         return self.f(x)
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.f(x), v * self.df(x)
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
+        slope = lift(self.df(x))
+        return self.f(x), lambda vs: vs * slope
 
     def lipschitz(self) -> float:
         return 1.0
@@ -143,9 +144,9 @@ class Flattened(Branch):
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x.flatten(1)).reshape(-1, *self.shape)  # static sizes: exported shapes stay provable
 
-    def jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        y, dy = self.inner.jvp(x.flatten(1), v.flatten(1))
-        return y.reshape(-1, *self.shape), dy.reshape(-1, *self.shape)
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linear]:
+        y, apply = self.inner.linearize(x.flatten(1))
+        return y.reshape(-1, *self.shape), lambda vs: apply(vs.flatten(2)).unflatten(2, self.shape)
 
     def lipschitz(self) -> float:
         return self.inner.lipschitz()
