@@ -24,6 +24,7 @@ from .flows.config import validate_config
 from .flows.flow import Flow
 from .flows.presets import build_flow, preset_config
 from .plots import save_density_plot, save_grid
+from .progress import Reporter
 from .report import block_report
 from .runtime.verify import verify_export
 from .train import STATE_META, evaluate_bpd, train
@@ -37,7 +38,7 @@ def export_artifact(
     checkpoint: str | Path,
     out_dir: str | Path,
     opts: ExportOptions | None = None,
-    log: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
 ) -> Artifact:
     """Export a checkpoint to a verified artifact directory (``acf-deploy export``).
 
@@ -45,7 +46,7 @@ def export_artifact(
     Runtime against the PyTorch outputs (:func:`~acf_deploy.runtime.verify.verify_export`), and only then
     renamed into place; on any failure nothing is left behind.
     """
-    return write_artifact(checkpoint, out_dir, opts, verify=verify_export, log=log)
+    return write_artifact(checkpoint, out_dir, opts, verify=verify_export, progress=progress)
 
 
 def train_preset(

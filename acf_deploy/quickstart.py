@@ -10,6 +10,7 @@ from typing import Any
 from .artifact import is_artifact_dir, open_artifact
 from .fileio import check_output_dir, is_temporary
 from .pipeline import export_artifact
+from .progress import TextReporter
 from .runtime import open_backend
 from .runtime.jobs import load_score_data, sample_to_file, score
 from .runtime.parity import compare_backends
@@ -37,7 +38,7 @@ def run_quickstart(
     started = time.perf_counter()
 
     say("exporting the shipped digits-acf-l2")
-    artifact = export_artifact(shipped_model(), out_dir / "artifact", log=say)
+    artifact = export_artifact(shipped_model(), out_dir / "artifact", progress=TextReporter(say))
     m = artifact.manifest
     rows.append(
         (

@@ -9,7 +9,6 @@ must be at most :data:`VERIFIED_LIMIT`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from .flows.blocks import LogdetSpec, ResidualBlock
 from .flows.cost import widest_per_sample
 from .flows.flow import Flow
 from .flows.measure import measured_lipschitz
+from .progress import Reporter
 
 VERIFIED_LIMIT = 0.95
 #: Elements of the widest per-sample intermediate that one measurement batch may touch (32 digits samples).
@@ -56,20 +56,20 @@ def block_report(
     prior: torch.Tensor | None = None,
     n_iter: int = 30,
     steps: int = 30,
-    log: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
 ) -> list[dict[str, Any]]:
     """One row per residual block: kind, guarantee, certified L, measured L, and for attention blocks the gate's
     attention weight ``b``, the attention share ``||b F/B|| / ||h||`` on data and the measured gain of ``F/B``
     (its certified bound is 1, so the gain is the gain/bound ratio).
 
-    ``log`` hears which block is being measured (measuring a large model takes minutes)."""
+    ``progress`` hears a stage ``measure blocks`` with a step per block (measuring a large model takes minutes)."""
+    progress = progress or Reporter()
     names = flow.block_names()
     from_data = block_inputs(flow, data)
     from_prior = block_inputs(flow, prior) if prior is not None else [None] * len(from_data)
     rows = []
-    for i, (name, block, xd, xp) in enumerate(zip(names, flow.residual_blocks(), from_data, from_prior, strict=True)):
-        if log is not None:
-            log(f"measuring block {i + 1}/{len(names)} ({name}, {block.guarantee})")
+    progress.stage("measure blocks", len(names))
+    for name, block, xd, xp in zip(names, flow.residual_blocks(), from_data, from_prior, strict=True):
         inputs = [xd] + ([xp] if xp is not None else [])
         # a certified block's measurement only checks its bound, so power iteration suffices; a verified
         # block is judged by its measurement, which therefore includes the adversarial search
@@ -100,6 +100,7 @@ def block_report(
                 share = block.g(xd).flatten(1).norm(dim=1) / xd.flatten(1).norm(dim=1)
             row["attention_share"] = float(share.mean())
         rows.append(row)
+        progress.advance(f"{name} ({block.guarantee}): {measured:.3g}")
     return rows
 
 

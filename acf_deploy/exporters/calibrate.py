@@ -30,6 +30,7 @@ from scipy.stats import chi
 from ..flows.blocks import LogdetSpec, ResidualBlock, iterations_for
 from ..flows.flow import Flow
 from ..flows.layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze
+from ..progress import Reporter
 
 CHI_QUANTILE = 1 - 1e-6
 EMPIRICAL_MARGIN = 1.5
@@ -140,14 +141,19 @@ def calibrate(
     max_iters: int = 400,
     margin: float = 0.0,
     tol_factor: float = 0.5,
+    progress: Reporter | None = None,
 ) -> Calibration:
     """Certified, calibrated and per-sample oracle counts for every residual block of a baked float32 flow.
 
     ``tol_factor`` (accuracy margin) and ``margin`` (relative count margin, rounded up) make the
-    calibrated count safer than the largest count seen on the calibration samples.
+    calibrated count safer than the largest count seen on the calibration samples. ``progress`` hears a
+    stage ``calibrate``: the float64 reference inverse, then a step per block.
     """
+    progress = progress or Reporter()
+    progress.stage("calibrate", 1 + len(flow.residual_blocks()))
     flow64 = copy.deepcopy(flow).double()
     pairs = block_pairs(flow64, data_x, prior_z)
+    progress.advance("float64 reference")
     prior_inputs = [torch.cat([y for y, _ in block_pairs_][-1:]).float() for block_pairs_ in pairs]
     certified, radii, kinds = certified_counts(flow, tol, prior_inputs)
     calibrated, errors, floors, oracle = [], [], [], []
@@ -160,6 +166,7 @@ def calibrate(
         errors.append(err)
         floors.append(floor)
         oracle.append(oracle_block_counts(block, y, truth, tol, min(max_iters, max(cap, 1))))
+        progress.advance(f"{n} of at most {cap} iterations")
     n_data = 0 if data_x is None else len(data_x)
     n_rows = n_data + (0 if prior_z is None else len(prior_z))
     counts = torch.stack(oracle, 1) if oracle else torch.zeros(n_rows, 0, dtype=torch.long)  # no residual block

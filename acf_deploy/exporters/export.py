@@ -32,6 +32,7 @@ from ..flows.cost import sweep_macs_per_sample, widest_per_sample
 from ..flows.flow import Flow
 from ..manifest import write_manifest
 from ..onnx_util import BATCH, count_nodes, io_entries
+from ..progress import Reporter
 from ..report import block_report, bound_failures, measurement_batch, model_samples, verification_failures
 from .calibrate import Calibration, calibrate, roundtrip_errors
 from .graphs import export_density, export_sample_loop, export_sample_unrolled
@@ -148,7 +149,7 @@ def write_artifact(
     opts: ExportOptions | None = None,
     *,
     verify: Verifier,
-    log: Callable[[str], None] | None = None,
+    progress: Reporter | None = None,
 ) -> Artifact:
     """Export a checkpoint, have ``verify`` check the written artifact, then atomically put it in place.
 
@@ -158,14 +159,13 @@ def write_artifact(
     opts = opts or ExportOptions()
     _check_options(opts)
     check_output_dir(out_dir, is_artifact_dir, ARTIFACT)
-    say = log or (lambda _msg: None)
+    progress = progress or Reporter()
     started = time.perf_counter()
-    prepared = _prepare(checkpoint, opts, say)
+    prepared = _prepare(checkpoint, opts, progress)
     timings = {"calibrate_s": time.perf_counter() - started}
-    say("tracing graphs")
-    sample, density = _trace(prepared, opts)
+    sample, density = _trace(prepared, opts, progress)
     timings["trace_s"] = time.perf_counter() - started - timings["calibrate_s"]
-    golden = _golden(prepared, opts)
+    golden = _golden(prepared, opts, progress)
     with atomic_dir(out_dir, is_artifact_dir, ARTIFACT) as tmp:
         _write_files(tmp, checkpoint, sample, density, golden)
         manifest = _manifest(prepared, opts, sample, density)
@@ -175,17 +175,16 @@ def write_artifact(
         timings["total_s"] = time.perf_counter() - started
         manifest["export_timings"] = timings
         write_manifest(tmp / MANIFEST, manifest)
-        say("verifying the export")
+        progress.stage("verify on ONNX Runtime", 1)
         verification = verify(Artifact(root=tmp, manifest=manifest))
+        progress.advance(verification["status"])
         manifest["verified"] = verification["status"] == "verified"
         manifest["verification"] = verification
         write_manifest(tmp / MANIFEST, manifest)  # hashes the other files; its digest covers itself
-        if not manifest["verified"]:
-            say(f"unverified: {verification['reason']}")
     return Artifact(root=Path(out_dir), manifest=manifest)
 
 
-def _prepare(checkpoint: str | Path, opts: ExportOptions, say: Callable[[str], None]) -> _Prepared:
+def _prepare(checkpoint: str | Path, opts: ExportOptions, progress: Reporter) -> _Prepared:
     """Load and bake the flow, draw its held-out data and prior samples, judge its blocks, calibrate."""
     flow, meta = load_checkpoint(checkpoint)
     flow.bake()
@@ -194,24 +193,29 @@ def _prepare(checkpoint: str | Path, opts: ExportOptions, say: Callable[[str], N
     test, heldout = _heldout(flow, meta["config"], opts, generator, n_calibration)
     data_x = to_model_space(test[:n_calibration], meta["config"], generator)
     prior_z = calibration_latents(flow.dim, generator, n_calibration)
-    say("verifying Lipschitz constants")
-    blocks = _verified_blocks(flow, data_x, prior_z, say)
-    say("calibrating fixed-point iterations")
-    cal = calibrate(flow, data_x, prior_z, opts.tol)
+    blocks = _verified_blocks(flow, data_x, prior_z, progress)
+    cal = calibrate(flow, data_x, prior_z, opts.tol, progress=progress)
     mode = opts.logdet or default_logdet(flow.dim)
     counts = _chosen_counts(opts.iters, cal)
     return _Prepared(flow, meta, mode, generator, test, heldout, data_x, prior_z, blocks, cal, counts)
 
 
-def _trace(prepared: _Prepared, opts: ExportOptions) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def _trace(prepared: _Prepared, opts: ExportOptions, progress: Reporter) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """``(sample, density)`` ONNX graphs, optimised and finalised at the export's precision."""
     flow = mixed_precision_flow(prepared.flow, opts.precision)  # the flow itself at fp32
     example_x, example_z = prepared.data_x[:2], prepared.prior_z[:2]
+    progress.stage("trace", 2)
     density = export_density(flow, prepared.mode, opts.terms, opts.probes, example_x, opts.opset)
+    progress.advance("density")
     exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
     sample = exporter(flow, prepared.counts, example_z, opts.opset)
-    density, sample = (optimize_graph(model) for model in (density, sample))  # fold static shapes, dead code
-    density, sample = (finalize_graph(model, opts.precision) for model in (density, sample))  # type-check last
+    progress.advance("sample")
+    progress.stage("optimise", 2)
+    graphs = []
+    for name, model in (("density", density), ("sample", sample)):
+        graphs.append(finalize_graph(optimize_graph(model), opts.precision))  # fold shapes, dead code; type-check last
+        progress.advance(name)
+    density, sample = graphs
     if opts.inverse == "unroll" and len(sample.graph.node) > UNROLL_NODE_BUDGET:
         raise BadInput(
             f"the unrolled sampler has {len(sample.graph.node)} nodes, above the budget of {UNROLL_NODE_BUDGET}; use --inverse loop"
@@ -251,7 +255,7 @@ def _heldout(
 
 
 def _verified_blocks(
-    flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor, log: Callable[[str], None]
+    flow: Flow, data_x: torch.Tensor, prior_z: torch.Tensor, progress: Reporter
 ) -> list[dict[str, Any]]:
     """Per-block L judged on this flow alone: bounds from the baked weights, constants measured now.
 
@@ -267,7 +271,7 @@ def _verified_blocks(
     samples = None
     if any(block.guarantee == "verified" for block in flow.residual_blocks()):
         samples = model_samples(flow, prior_z[:n])
-    rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20, log=log)
+    rows = block_report(flow, data_x[:n], samples, n_iter=20, steps=20, progress=progress)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not exported: " + "; ".join(failures))
@@ -282,7 +286,7 @@ def _chosen_counts(iters: str, cal: Calibration) -> list[int]:
     return [int(iters)] * len(cal.certified)
 
 
-def _golden(prepared: _Prepared, opts: ExportOptions) -> dict[str, np.ndarray]:
+def _golden(prepared: _Prepared, opts: ExportOptions, progress: Reporter) -> dict[str, np.ndarray]:
     """Seeded inputs and the PyTorch reference outputs, so parity can be checked without PyTorch."""
     flow, mode, test, generator = prepared.flow, prepared.mode, prepared.test, prepared.generator
     x = to_model_space(test[np.arange(N_GOLDEN) % len(test)], prepared.config, generator).numpy()  # tiled if fewer
@@ -292,10 +296,13 @@ def _golden(prepared: _Prepared, opts: ExportOptions) -> dict[str, np.ndarray]:
     golden = {"in_z": z, "in_temperature": temperature, "in_x": x}
     if probes is not None:
         golden["in_probes"] = probes
+    progress.stage("reference outputs", 2)
     for key, value in reference_sample(flow, prepared.counts, z, temperature).items():
         golden[f"sample_{key}"] = value
+    progress.advance("sample")
     for key, value in reference_density(flow, mode, opts.terms, x, probes).items():
         golden[f"density_{key}"] = value
+    progress.advance("density")
     if prepared.heldout["source"] != "dataset":  # later checks need these data again, and may not have the file
         golden["heldout_levels"] = test[: len(prepared.data_x)]
     return golden

@@ -33,14 +33,26 @@ def _unit(t: Tensor) -> Tensor:
     return t / _per_sample(_norms(t).clamp_min(1e-300 if t.dtype == torch.float64 else 1e-30), t)
 
 
+def _jvp_at(fn: Fn, x: Tensor) -> Fn:
+    """``v -> J v`` at ``x``: a branch's own linearization where it has one (its primal computed once; the
+    tests hold it to autodiff), else forward-mode autodiff, which recomputes the primal for every ``v``."""
+    linearize = getattr(fn, "linearize", None)
+    if linearize is None:
+        return lambda v: torch.func.jvp(fn, (x,), (v,))[1]
+    with torch.no_grad():
+        apply = linearize(x)[1]
+    return lambda v: apply(v.unsqueeze(1)).squeeze(1)
+
+
 def _power(fn: Fn, x: Tensor, n_iter: int, v: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Power iteration on ``J^T J`` at ``x``: best ``||J v||`` per sample and the last ``v``."""
     x = x.detach()
     _, vjp_fn = torch.func.vjp(fn, x)
+    jvp_fn = _jvp_at(fn, x)
     v = _unit(torch.randn_like(x) if v is None else v.detach())
     best = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(n_iter):
-        _, jv = torch.func.jvp(fn, (x,), (v,))
+        jv = jvp_fn(v)
         best = torch.maximum(best, _norms(jv))
         v = _unit(vjp_fn(jv)[0])
     return best.detach(), v.detach()

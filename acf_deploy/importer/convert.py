@@ -26,6 +26,7 @@ from ..fileio import check_output_dir, sha256_file
 from ..flows.flow import Flow
 from ..flows.presets import build_flow
 from ..pipeline import is_checkpoint_dir
+from ..progress import TextReporter
 from ..report import block_report, measurement_batch, model_samples, verification_failures
 from .architecture import config_from_args
 from .safe_load import load_reference_checkpoint
@@ -112,10 +113,11 @@ def judge_blocks(
     diverged = not bool(torch.isfinite(samples).all())
     if diverged:
         samples = torch.rand(n, *flow.data_shape, generator=generator) * 0.9 + 0.05
+    progress = TextReporter(log) if log is not None else None
     if data is None:  # model samples stand in for data
-        rows = block_report(flow, samples, None, n_iter=20, steps=20, log=log)
+        rows = block_report(flow, samples, None, n_iter=20, steps=20, progress=progress)
     else:
-        rows = block_report(flow, data[:n], None if diverged else samples, n_iter=20, steps=20, log=log)
+        rows = block_report(flow, data[:n], None if diverged else samples, n_iter=20, steps=20, progress=progress)
     failures = verification_failures(rows)
     if failures:
         raise CheckFailed("not imported, the fixed-point inverse is not guaranteed: " + "; ".join(failures))

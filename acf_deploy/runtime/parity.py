@@ -261,9 +261,15 @@ def data_batch(artifact: Artifact, n: int, seed: int) -> np.ndarray:
     return to_model_space(test[index], config, generator).numpy().astype(np.float32)
 
 
+#: Rows per density call in checks. Both backends score more samples per second at 64 rows than at 256 on
+#: the shipped digits model (the tangents' working set stays in cache), and a check holding the PyTorch
+#: reference and ONNX Runtime in one process stays under 1 GB at 1024 inputs.
+CHECK_CHUNK = 64
+
+
 def safe_chunk(artifact: Artifact) -> int:
-    """Rows per density call: the artifact's largest safe batch, at most 256."""
-    return max(1, min(256, int(artifact.manifest.get("max_safe_batch", 256))))
+    """Rows per density call: the artifact's largest safe batch, at most :data:`CHECK_CHUNK`."""
+    return max(1, min(CHECK_CHUNK, int(artifact.manifest.get("max_safe_batch", CHECK_CHUNK))))
 
 
 def run_chunked(fn, arrays: dict[str, np.ndarray | None], chunk: int) -> Arrays:
