@@ -1,0 +1,163 @@
+"""Peers beside the ONNX Runtime backend: OpenVINO runs the same ONNX graphs to the same numbers and refuses
+what ONNX Runtime refuses; torch.compile matches the eager reference; ``bench`` reports a peer that cannot
+run here instead of crashing, and times the ones that can (structure only: no test asserts speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from acf_deploy.artifact import open_artifact
+from acf_deploy.cli import app
+from acf_deploy.errors import BackendUnavailable, BadInput
+from acf_deploy.runtime import open_backend
+from acf_deploy.runtime.ort_backend import OrtBackend
+
+from .toy_artifact import DATA_SHAPE, DIM, PROBES, write_artifact
+
+runner = CliRunner()
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(
+    not HAS_OPENVINO, reason="openvino is not installed (pip install 'acf-deploy[openvino]')"
+)
+
+
+def _toy_inputs(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, batch])
+    z = rng.standard_normal((batch, DIM)).astype(np.float32)
+    x = rng.random((batch, *DATA_SHAPE)).astype(np.float32)
+    probes = (rng.integers(0, 2, (batch, PROBES, DIM)) * 2 - 1).astype(np.float32)
+    return z, x, probes
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO
+@needs_openvino
+@pytest.mark.parametrize("name", ["openvino", "openvino-static"])
+def test_openvino_matches_onnx_runtime_on_the_toy(tmp_path: Path, name: str):
+    artifact = open_artifact(write_artifact(tmp_path / "art", external_data=True))  # density reads .onnx.data
+    with OrtBackend(artifact, threads=1) as ort, open_backend(name, artifact, threads=1) as ov:
+        assert ov.name == name
+        for batch in (1, 5, 5, 1):  # static: a compilation per size, then reused
+            z, x, probes = _toy_inputs(batch)
+            for got, want in ((ov.sample(z, 0.8), ort.sample(z, 0.8)), (ov.density(x, probes), ort.density(x, probes))):
+                assert got.keys() == want.keys()
+                for key in want:
+                    assert got[key].shape == want[key].shape, key
+                    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+        seconds = ov.prepare("sample", 7)
+        assert (seconds is None) == (name == "openvino")
+        if name == "openvino-static":
+            assert sorted(ov._compiled["sample"]) == [1, 5, 7]
+
+
+@needs_openvino
+def test_openvino_refuses_a_tampered_graph_and_missing_probes(tmp_path: Path):
+    root = write_artifact(tmp_path / "art", external_data=True)
+    data = bytearray((root / "density.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / "density.onnx.data").write_bytes(bytes(data))
+    artifact = open_artifact(root, verify=False)  # each consumer checks the files it reads
+    with pytest.raises(BadInput, match="sha256"):
+        open_backend("openvino", artifact, threads=1)
+    with open_backend("openvino", artifact, threads=1, graphs=("sample",)) as ov:
+        assert ov.sample(_toy_inputs(2)[0])["x"].shape == (2, *DATA_SHAPE)
+    good = open_artifact(write_artifact(tmp_path / "good"))
+    with open_backend("openvino", good, threads=1) as ov, pytest.raises(BadInput, match="probes"):
+        ov.density(_toy_inputs(2)[1])
+
+
+def test_missing_openvino_is_one_line_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    root = write_artifact(tmp_path / "art")
+    with pytest.raises(BackendUnavailable, match=r"install acf-deploy\[openvino\]"):
+        open_backend("openvino", open_artifact(root))
+    result = runner.invoke(
+        app, ["sample", str(root), "--backend", "openvino", "--n", "2", "--out", str(tmp_path / "x.npy")]
+    )
+    assert result.exit_code == 3, result.output
+    assert "acf-deploy[openvino]" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "x.npy").exists()
+
+
+@needs_openvino
+def test_check_cli_passes_on_openvino(exports):
+    root = exports.artifact("toy-resflow")
+    result = runner.invoke(app, ["check", str(root), "--backend", "openvino", "--n", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
+
+
+# ------------------------------------------------------------------------------------ bench with peers
+def test_bench_reports_unavailable_peers_and_times_the_rest(exports, monkeypatch: pytest.MonkeyPatch):
+    """torch.compile without a compiler fails when opened; a peer failing to compile a cell's shape fails in
+    ``prepare``: both are listed with their reason and the benchmark finishes."""
+    from acf_deploy.runtime import torch_compile_backend
+
+    monkeypatch.setattr(torch_compile_backend, "compiler_problem", lambda: "no C++ compiler here (test)")
+    peers = ["torch-compile", "openvino"]
+    if HAS_OPENVINO:
+        from acf_deploy.runtime.openvino_backend import OpenVinoBackend
+
+        original = OpenVinoBackend._compile
+
+        def refuse_batch_3(self, graph, batch):
+            if batch == 3:
+                raise BackendUnavailable("OpenVINO cannot compile the sample graph: refused by the test")
+            return original(self, graph, batch)
+
+        monkeypatch.setattr(OpenVinoBackend, "_compile", refuse_batch_3)
+        peers.append("openvino-static")
+    root = exports.artifact("toy-resflow")
+    args = ["bench", str(root), "--backends", ",".join(["ort", *peers]), "--batch", "1,3", "--what", "sample,density"]
+    args += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--max-seconds", "5", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["unavailable"]["torch-compile"] == "no C++ compiler here (test)"
+    cells = {(r["backend"], r["what"], r["batch"]) for r in report["results"]}
+    assert not any(b == "torch-compile" for b, _, _ in cells)
+    if not HAS_OPENVINO:
+        assert "acf-deploy[openvino]" in report["unavailable"]["openvino"]
+        return
+    assert "refused by the test" in report["unavailable"]["openvino-static"]
+    assert ("openvino-static", "sample", 1) in cells and ("openvino-static", "sample", 3) not in cells
+    for row in report["results"]:
+        if row["backend"] in ("ort", "openvino", "openvino-static"):
+            assert row["max_abs_diff_vs_torch"] < 1e-3, row
+        assert (row["compile_s"] is not None) == (row["backend"] == "openvino-static"), row
+    assert {("openvino", w, b) for w in ("sample", "density") for b in (1, 3)} <= cells
+    assert report["machine"]["openvino"]
+
+
+# ------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow  # inductor compiles the unrolled sampler and the density graph: about a minute here
+def test_torch_compile_matches_eager_and_bench_reports_compile_time(exports):
+    from acf_deploy.runtime.torch_backend import TorchBackend
+    from acf_deploy.runtime.torch_compile_backend import TorchCompileBackend, compiler_problem
+
+    if compiler_problem():
+        pytest.skip(compiler_problem())
+    root = exports.artifact("toy-resflow")
+    artifact = open_artifact(root)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((6, artifact.dim)).astype(np.float32)
+    x = rng.standard_normal((6, *artifact.data_shape)).astype(np.float32)
+    with TorchBackend(artifact, threads=1) as eager, TorchCompileBackend(artifact, threads=1) as compiled:
+        assert compiled.prepare("sample", 6) > 0
+        for got, want in ((compiled.sample(z, 0.9), eager.sample(z, 0.9)), (compiled.density(x), eager.density(x))):
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    args = ["bench", str(root), "--backends", "torch-compile", "--batch", "2", "--what", "sample"]
+    args += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    row = next(r for r in report["results"] if r["backend"] == "torch-compile")
+    assert row["compile_s"] > 0 and row["max_abs_diff_vs_torch"] < 1e-4
+    assert report["backends"]["torch-compile"]["compile_s"]["sample"]["2"] == row["compile_s"]
