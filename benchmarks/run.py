@@ -59,6 +59,7 @@ from acf_deploy.runtime.ort_backend import OrtBackend, available_cores  # noqa: 
 LIMIT_ROUNDTRIP_FP32 = 1e-4  # docs/guarantees.md §5, data space
 PEER_GOAL = 1.5  # ONNX Runtime at least this many times faster than the best peer
 PEER_BATCHES = (1, 256)
+LEVEL = 1.05  # medians closer than this are called level, not a win
 
 
 def log(message: str) -> None:
@@ -437,17 +438,26 @@ def peer_table(report: dict) -> str:
                     theirs["median_ms"] / ours["median_ms"] if theirs and ours else None,
                 ]
             rows.append(row)
-    headers = ["graph", "batch", "ORT ms"] + [h for p in measured for h in (f"{p} ms", f"ORT / {p}")]
+    headers = ["graph", "batch", "ORT ms"] + [h for p in measured for h in (f"{p} ms", f"ORT speed-up vs {p}")]
     return table(headers, rows)
 
 
 def compile_table(report: dict) -> str:
+    """Compile seconds per peer cell, with torch.compile's inductor cache state where it was recorded."""
+
+    def cache(row: dict) -> str:
+        info = (report.get("backends") or {}).get(row["what"], {}) or {}
+        states = (info.get(row["backend"]) or {}).get("compile_cache") or {}
+        return states.get(f"{row['what']}/{row['batch']}", "-")
+
     rows = [
-        [r["backend"], r["what"], str(r["batch"]), r["compile_s"]]
-        for r in report["results"]
+        [r["backend"], r["what"], str(r["batch"]), r["compile_s"], cache(r)]
+        for r in sorted(report["results"], key=lambda r: (r["backend"], r["what"], r["batch"]))
         if r.get("compile_s") is not None
     ]
-    return table(["backend", "graph", "batch", "compile s"], rows) if rows else "No backend compiled per batch size."
+    if not rows:
+        return "No backend compiled per batch size."
+    return table(["backend", "graph", "batch", "compile s", "inductor cache"], rows)
 
 
 def peer_note(report: dict) -> str:
@@ -465,10 +475,17 @@ def peer_note(report: dict) -> str:
     if short:
         parts.append(f"It is faster, but by less than {PEER_GOAL}x, at {', '.join(short)}.")
     for what, batch, peer, ratio in lost:
-        parts.append(
-            f"**{peer} is faster than ONNX Runtime at {what} batch {batch}** ({1 / ratio:.2f}x); "
-            f"it runs the same artifact with `--backend {peer}`."
-        )
+        ours, theirs = find(report, "ort", what, batch), find(report, peer, what, batch)
+        medians = f"{theirs['median_ms']:.3g} ms vs {ours['median_ms']:.3g} ms"
+        if 1 / ratio < LEVEL:
+            parts.append(
+                f"At {what} batch {batch} {peer} and ONNX Runtime are level ({medians}, within {LEVEL - 1:.0%})."
+            )
+        else:
+            parts.append(
+                f"**{peer} is faster than ONNX Runtime at {what} batch {batch}** ({medians}, {1 / ratio:.2f}x); "
+                f"it runs the same artifact with `--backend {peer}`."
+            )
     return " ".join(parts)
 
 
@@ -558,15 +575,17 @@ def peer_section(report: dict) -> list[str]:
         "Peers in the same rounds on the same inputs: `torch-compile` is `torch.compile` (inductor, default shape "
         "handling) of the same baked module eager PyTorch runs; `openvino` runs the same ONNX graphs with their "
         "dynamic batch axis, `openvino-static` the same graphs reshaped to each benched batch before compiling "
-        "(fp32 inference precision, one stream, the same threads). `ORT / peer` is the peer's median over ONNX "
+        "(fp32 inference precision, one stream, the same threads). `ORT speed-up vs peer` is the peer's median over ONNX "
         f"Runtime's: above 1 ONNX Runtime is faster; the goal is at least {PEER_GOAL}x over the best peer.",
         "",
         peer_table(report),
         "",
         peer_note(report),
         "",
-        "Compile time (the first call at each cell's batch sizes, before and outside the timed rounds; "
-        "torch.compile generalises the batch axis after the second size it sees, so later sizes reuse that code):",
+        "Compile time: the first call at each cell's batch sizes, before and outside the timed rounds. "
+        "torch.compile generalises the batch axis after the second size it sees, so later sizes reuse that code; "
+        "its inductor keeps an on-disk cache (on by default), and a `hit` means this graph had been compiled on "
+        "this machine before, which takes seconds where a `miss` takes minutes.",
         "",
         compile_table(report),
         "",

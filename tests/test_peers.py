@@ -160,4 +160,6 @@ def test_torch_compile_matches_eager_and_bench_reports_compile_time(exports):
     report = json.loads(result.stdout)
     row = next(r for r in report["results"] if r["backend"] == "torch-compile")
     assert row["compile_s"] > 0 and row["max_abs_diff_vs_torch"] < 1e-4
-    assert report["backends"]["torch-compile"]["compile_s"]["sample"]["2"] == row["compile_s"]
+    info = report["backends"]["torch-compile"]
+    assert info["compile_s"]["sample"]["2"] == row["compile_s"]
+    assert info["compile_cache"]["sample/2"] in ("hit", "miss", "reused")

@@ -474,6 +474,9 @@ def run_bench(
                     opened[name]["compile_s"].setdefault(what, {})[str(batch)] = seconds
                 cells = _time_cell(artifact, runners, what, batch, opts)
                 results += _rows(cells, what, batch, flops.get(what, {}).get(batch), peak["gflops"], compiled)
+        for name, backend in backends.items():
+            if getattr(backend, "compile_cache", None):
+                opened[name]["compile_cache"] = dict(backend.compile_cache)
     finally:
         for backend in backends.values():
             backend.close()
