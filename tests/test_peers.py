@@ -179,3 +179,40 @@ def test_torch_compile_density_and_bench_report_compile_time(exports):
     info = report["backends"]["torch-compile"]
     assert info["compile_s"]["sample"]["2"] == row["compile_s"]
     assert info["compile_cache"]["sample/2"] in ("hit", "miss", "reused")
+
+
+# ------------------------------------------------------------------------------------ BENCHMARKS.md text
+def _benchmarks_run():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_peer_text_follows_the_numbers():
+    run = _benchmarks_run()
+    medians = {  # (backend, graph, batch) -> median ms
+        ("ort", "sample", 1): 2.0,
+        ("torch-compile", "sample", 1): 6.0,
+        ("openvino-static", "sample", 1): 1.0,  # a peer twice as fast
+        ("ort", "sample", 256): 100.0,
+        ("openvino-static", "sample", 256): 98.0,  # within 5%: level
+        ("ort", "density", 1): 10.0,
+        ("openvino", "density", 1): 20.0,  # ORT 2x faster: goal met
+        ("ort", "density", 256): 100.0,
+    }
+    rows = [{"backend": b, "what": w, "batch": n, "median_ms": ms} for (b, w, n), ms in medians.items()]
+    report = {"results": rows, "unavailable": {"openvino": "not at density 256 (test)"}}
+    ratios = {(w, n): (peer, ratio) for w, n, peer, ratio in run.peer_ratios(report)}
+    assert ratios[("sample", 1)] == ("openvino-static", 0.5)
+    assert ratios[("density", 1)] == ("openvino", 2.0) and ratios[("density", 256)] == (None, None)
+    note = run.peer_note(report)
+    assert "**openvino-static is faster than ONNX Runtime at sample batch 1** (1 ms vs 2 ms, 2.00x)" in note
+    assert (
+        "`--backend openvino-static`" in note and "sample batch 256 openvino-static and ONNX Runtime are level" in note
+    )
+    assert "at least 1.5x faster than the best peer at density batch 1 (2.00x over openvino)" in note
+    assert "`openvino` was not measured: not at density 256 (test)." in note
+    lines = run.peer_table(report).splitlines()
+    assert lines[0].startswith("| graph | batch | ORT ms | torch-compile ms | ORT speed-up vs torch-compile |")
+    assert "| sample | 1 | 2 | 6 | 3 |" in lines[2]

@@ -494,7 +494,7 @@ def run_bench(
             for what, per_batch in flops.items()
         },
         "results": results,
-        "backends": {name: info for name, info in opened.items() if name not in unavailable},
+        "backends": opened,  # a peer that failed in a later cell keeps its earlier rows and compile times
         "unavailable": unavailable,
     }
     if RESFLOW in backends:
