@@ -57,6 +57,22 @@ def test_openvino_matches_onnx_runtime_on_the_toy(tmp_path: Path, name: str):
 
 
 @needs_openvino
+@pytest.mark.parametrize("name", ["openvino", "openvino-static"])
+def test_openvino_batch_shards_give_the_same_outputs_as_one_stream(tmp_path: Path, name: str):
+    """``threads`` split a large batch over single-threaded OpenVINO streams, as ONNX Runtime's backend does."""
+    artifact = open_artifact(write_artifact(tmp_path / "art"))
+    z, x, probes = _toy_inputs(41)  # 3 shards of 13, 14 and 14 rows
+    with open_backend(name, artifact, threads=1) as one, open_backend(name, artifact, threads=3) as three:
+        assert len(three._bounds(41)) == 4 and len(three._bounds(20)) == 3 and len(three._bounds(15)) == 2
+        if name == "openvino-static":
+            three.prepare("sample", 41)
+            assert sorted(three._compiled["sample"]) == [13, 14]
+        for got, want in ((three.sample(z), one.sample(z)), (three.density(x, probes), one.density(x, probes))):
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+@needs_openvino
 def test_openvino_refuses_a_tampered_graph_and_missing_probes(tmp_path: Path):
     root = write_artifact(tmp_path / "art", external_data=True)
     data = bytearray((root / "density.onnx.data").read_bytes())

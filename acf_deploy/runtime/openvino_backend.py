@@ -9,14 +9,17 @@ manifest). Two ways to compile them:
   shape on first use (a few per backend are kept), which lets OpenVINO plan memory and kernels for it.
 
 Settings, and why: ``INFERENCE_PRECISION_HINT=f32`` because on CPUs with bf16 or AMX units OpenVINO would
-otherwise run an fp32 graph in bf16 without saying so; one stream with ``threads`` inference threads
-(its latency configuration) so that every backend of ``acf-deploy bench`` gets the same cores.
+otherwise run an fp32 graph in bf16 without saying so. ``threads`` become as many single-threaded OpenVINO
+streams, each running one shard of a large batch, for the reason the ONNX Runtime backend shards (its
+module docstring): these graphs' operators are too small for intra-op threads to pay, so the peer gets the
+same cores used the same way. Below ``MIN_SHARD_ROWS`` rows per shard a batch runs on one stream.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import BackendUnavailable, BadInput
 from .base import Arrays, Backend
-from .ort_backend import available_cores
+from .ort_backend import MIN_SHARD_ROWS, available_cores
 
 #: Statically shaped compilations kept per graph (a job uses one batch size and its remainder).
 STATIC_CACHE = 4
@@ -68,13 +71,13 @@ class OpenVinoBackend(Backend):
         self.static = static
         if static:
             self.name = "openvino-static"
-        self.threads = threads or available_cores()
+        self.workers = threads or available_cores()
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self.core = ov.Core()
         self.config = {
             "INFERENCE_PRECISION_HINT": "f32",
-            "INFERENCE_NUM_THREADS": self.threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": self.workers,
+            "INFERENCE_NUM_THREADS": self.workers,  # in all: one per stream
         }
         precision = artifact.manifest.get("precision", "fp32")
         if precision != "fp32":
@@ -91,14 +94,14 @@ class OpenVinoBackend(Backend):
             except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own RuntimeError subclasses
                 raise BadInput(f"{path} cannot be read by OpenVINO: {_first_line(exc)}") from None
             self.outputs[graph] = [o["name"] for o in artifact.graph_io(graph)["outputs"]]
-        self._compiled: dict[str, OrderedDict[int | None, tuple[Any, Any]]] = {g: OrderedDict() for g in graphs}
+        self._compiled: dict[str, OrderedDict[int | None, tuple[Any, list[Any]]]] = {g: OrderedDict() for g in graphs}
         if not static:
             for graph in graphs:
                 self._compile(graph, None)
 
     # ------------------------------------------------------------------ compilation
-    def _compile(self, graph: str, batch: int | None) -> tuple[Any, Any]:
-        """The compiled model and its infer request for ``batch`` rows (None: the dynamic graph)."""
+    def _compile(self, graph: str, batch: int | None) -> tuple[Any, list[Any]]:
+        """The compiled model for ``batch`` rows (None: the dynamic graph) and an infer request per stream."""
         cache = self._compiled[graph]
         if batch in cache:
             cache.move_to_end(batch)
@@ -111,7 +114,7 @@ class OpenVinoBackend(Backend):
             compiled = self.core.compile_model(model, "CPU", self.config)
         except Exception as exc:  # noqa: BLE001 - an op OpenVINO cannot run, or a shape it cannot plan
             raise BackendUnavailable(f"OpenVINO cannot compile the {graph} graph: {_first_line(exc)}") from None
-        entry = (compiled, compiled.create_infer_request())
+        entry = (compiled, [compiled.create_infer_request() for _ in range(self.workers)])
         cache[batch] = entry
         while len(cache) > STATIC_CACHE:
             cache.popitem(last=False)
@@ -121,13 +124,14 @@ class OpenVinoBackend(Backend):
         if not self.static:
             return None
         started = time.perf_counter()
-        self._compile(graph, batch)
+        for size in set(np.diff(self._bounds(batch)).tolist()):
+            self._compile(graph, size)
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------ runs
     def sample(self, z: np.ndarray, temperature: float = 1.0) -> Arrays:
-        feeds = {"z": np.ascontiguousarray(z, dtype=np.float32), "temperature": np.array([temperature], np.float32)}
-        return self._run("sample", feeds)
+        batched = {"z": np.ascontiguousarray(z, dtype=np.float32)}
+        return self._run("sample", batched, {"temperature": np.array([temperature], np.float32)})
 
     def density(self, x: np.ndarray, probes: np.ndarray | None = None) -> Arrays:
         feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
@@ -135,20 +139,40 @@ class OpenVinoBackend(Backend):
             if probes is None:
                 raise BadInput("this artifact uses series log-det: pass probes (B, P, D)")
             feeds["probes"] = np.ascontiguousarray(probes, dtype=np.float32)
-        return self._run("density", feeds)
+        return self._run("density", feeds, {})
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> Arrays:
+    def _bounds(self, n: int) -> np.ndarray:
+        """Row bounds of the shards of an ``n``-row batch (one shard below ``MIN_SHARD_ROWS`` rows each)."""
+        shards = max(1, min(self.workers, n // MIN_SHARD_ROWS))
+        return np.linspace(0, n, shards + 1).astype(int)
+
+    def _run(self, graph: str, batched: dict[str, np.ndarray], shared: dict[str, np.ndarray]) -> Arrays:
         if graph not in self.models:
             raise BadInput(f"this backend was opened without the {graph} graph")
-        batch = len(next(iter(feeds.values())))
-        compiled, request = self._compile(graph, batch if self.static else None)
-        results = request.infer(feeds)  # outputs are copies: the next call does not overwrite them
-        return {name: np.asarray(results[compiled.output(name)]) for name in self.outputs[graph]}
+        bounds = self._bounds(len(next(iter(batched.values()))))
+        names = self.outputs[graph]
+
+        def run(i: int) -> list[np.ndarray]:
+            part = {k: v[bounds[i] : bounds[i + 1]] for k, v in batched.items()}
+            compiled, requests = self._compile(graph, int(bounds[i + 1] - bounds[i]) if self.static else None)
+            results = requests[i].infer({**part, **shared})  # outputs are copies, safe from the next call
+            return [np.asarray(results[compiled.output(name)]) for name in names]
+
+        if len(bounds) == 2 or self._pool is None:
+            return dict(zip(names, run(0), strict=True))
+        if self.static:  # compile every shard size here, not concurrently in the shards
+            for size in set(np.diff(bounds).tolist()):
+                self._compile(graph, size)
+        parts = list(self._pool.map(run, range(len(bounds) - 1)))
+        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(names)}
 
     def close(self) -> None:
         for cache in self._compiled.values():
             cache.clear()
         self.models.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _with_batch(shape: Any, batch: int) -> list[int]:
