@@ -44,7 +44,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from acf_deploy.artifact import MANIFEST, open_artifact  # noqa: E402
-from acf_deploy.fileio import sha256_file, write_json  # noqa: E402
+from acf_deploy.fileio import sha256_file  # noqa: E402
+from acf_deploy.manifest import write_manifest  # noqa: E402
 from acf_deploy.runtime.bench import (  # noqa: E402
     PEERS,
     BenchOptions,
@@ -108,7 +109,7 @@ def sample_variant(source: Path, out: Path, inverse: str, counts: list[int] | No
     manifest["graphs"]["sample"]["nodes"] = count_nodes(model.graph)
     manifest["iterations"]["exported_total"] = sum(counts)
     manifest["files"] = {name: sha256_file(out / name) for name in manifest["files"]}
-    write_json(out / MANIFEST, manifest)
+    write_manifest(out / MANIFEST, manifest)  # re-stamps manifest_sha256, which open_artifact checks
     return out
 
 
