@@ -576,7 +576,8 @@ def peer_section(report: dict) -> list[str]:
         "Peers in the same rounds on the same inputs: `torch-compile` is `torch.compile` (inductor, default shape "
         "handling) of the same baked module eager PyTorch runs; `openvino` runs the same ONNX graphs with their "
         "dynamic batch axis, `openvino-static` the same graphs reshaped to each benched batch before compiling "
-        "(fp32 inference precision, one stream, the same threads). `ORT speed-up vs peer` is the peer's median over ONNX "
+        "(fp32 inference precision; threads spent as the ONNX Runtime backend spends them, one single-threaded stream "
+        "per shard of a large batch). `ORT speed-up vs peer` is the peer's median over ONNX "
         f"Runtime's: above 1 ONNX Runtime is faster; the goal is at least {PEER_GOAL}x over the best peer.",
         "",
         peer_table(report),
