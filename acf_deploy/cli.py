@@ -191,7 +191,7 @@ class _StageBars:
 
 
 #: The backends of ``acf_deploy.runtime.open_backend`` (a test keeps the two lists equal).
-BACKEND_CHOICES = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
+BACKEND_CHOICES = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "torch-compile", "openvino", "openvino-static")
 
 
 def _backend_option(what: str) -> Any:
@@ -199,7 +199,9 @@ def _backend_option(what: str) -> Any:
         "ort",
         metavar="|".join(BACKEND_CHOICES),
         help=f"{what} torch: the PyTorch reference; ort: ONNX Runtime on the CPU; ort-cuda, ort-trt: its CUDA and "
-        "TensorRT providers; trt: TensorRT engines from `build`.",
+        "TensorRT providers; trt: TensorRT engines from `build`; torch-compile: torch.compile of the reference (compiles "
+        "for minutes first); openvino, openvino-static: OpenVINO on the CPU (acf-deploy[openvino]), static compiling "
+        "per batch size.",
     )
 
 
@@ -747,7 +749,9 @@ def _csv(text: str, kind: type = str) -> list:
 def bench(
     artifact_dir: Path = typer.Argument(..., help="Artifact directory from `export`."),
     backends: str = typer.Option(
-        "torch,ort", help="Comma-separated: torch, ort, ort-cuda, ort-trt, trt, resflow (eager torch is always run)."
+        "torch,ort",
+        help="Comma-separated: torch, ort, ort-cuda, ort-trt, trt, resflow, and the peers torch-compile, openvino, "
+        "openvino-static (skipped with a reason where unavailable; eager torch is always run).",
     ),
     batch: str = typer.Option("1,64,256", help="Comma-separated batch sizes."),
     what: str = typer.Option("sample,density", help="sample and/or density."),
@@ -796,10 +800,13 @@ def render_bench(report: dict[str, Any]) -> None:
         f"fp32 matmul peak {machine['matmul_peak']['gflops']:.1f} GFLOP/s"
     )
     table = Table(title="acf-deploy bench")
-    for column in ("graph", "batch", "backend", "median ms", "p90 ms", "samples/s", "vs torch", "GFLOP/s", "% peak"):
+    columns = ["graph", "batch", "backend", "median ms", "p90 ms", "samples/s", "vs torch", "GFLOP/s", "% peak"]
+    compiles = any(row.get("compile_s") is not None for row in report["results"])
+    for column in columns + (["compile s"] if compiles else []):
         table.add_column(column, justify="right")
     for row in report["results"]:
         speedup = row["speedup_vs_torch"]
+        compile_s = row.get("compile_s")
         table.add_row(
             row["what"],
             str(row["batch"]),
@@ -810,8 +817,13 @@ def render_bench(report: dict[str, Any]) -> None:
             "-" if speedup is None else f"{speedup:.2f}x",
             "-" if row["gflops_per_s"] is None else f"{row['gflops_per_s']:.2f}",
             "-" if row["peak_fraction"] is None else f"{100 * row['peak_fraction']:.1f}",
+            *([] if not compiles else ["-" if compile_s is None else f"{compile_s:.1f}"]),
         )
     out.print(table)
+    if compiles:
+        out.print("compile s: first calls at the cell's batch sizes, before and outside the timed rounds")
+    for name, reason in report.get("unavailable", {}).items():
+        out.print(f"{name}: unavailable ({reason})", highlight=False)
     if "resflow" in report:
         search = report["resflow"].get("search") or {}
         out.print(

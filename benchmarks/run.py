@@ -1,14 +1,19 @@
 """Regenerate ``BENCHMARKS.md``, ``benchmarks/results.json`` and the plots under ``benchmarks/``.
 
-One command, self-contained (no data download, no GPU), about 5-8 minutes on a quiet 2-core CPU::
+One command, self-contained (no data download, no GPU), about 5-8 minutes on a quiet 2-core CPU, plus the
+peers' compilation (torch.compile: a few minutes per graph and batch-size regime)::
 
     python benchmarks/run.py                      # the shipped digits-acf-l2 (or --checkpoint DIR)
     python benchmarks/run.py --quick              # a smoke run: few repeats, small batches
+    python benchmarks/run.py --no-peers           # without torch.compile and OpenVINO
 
 What it measures, all side by side in one process with the same inputs per cell:
 
 1. digits-acf-l2 (fp32): exported with the default options, its unrolled twin, eager PyTorch on the
-   same baked module and the Residual-Flows baseline; sample and density latency/throughput vs batch.
+   same baked module and the Residual-Flows baseline; sample and density latency/throughput vs batch;
+   beside them the peers a user might pick instead (``runtime.bench.PEERS``: torch.compile of the same
+   module, OpenVINO on the same ONNX graphs with dynamic and static batch), where installed, with their
+   compile times and the ratio ONNX Runtime / best peer.
 2. Loop vs unrolled sampling graphs; ONNX Runtime session options (optimisation level, threads).
 3. Time vs fixed-point iteration count (the same flow with n iterations in every block).
 4. Peak RSS of ``acf-deploy sample --n 100000 --out x.npy`` in a subprocess (and of 10,000 samples,
@@ -39,8 +44,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from acf_deploy.artifact import MANIFEST, open_artifact  # noqa: E402
-from acf_deploy.fileio import sha256_file, write_json  # noqa: E402
+from acf_deploy.fileio import sha256_file  # noqa: E402
+from acf_deploy.manifest import write_manifest  # noqa: E402
 from acf_deploy.runtime.bench import (  # noqa: E402
+    PEERS,
     BenchOptions,
     machine_info,
     matmul_peak,
@@ -51,6 +58,9 @@ from acf_deploy.runtime.bench import (  # noqa: E402
 from acf_deploy.runtime.ort_backend import OrtBackend, available_cores  # noqa: E402
 
 LIMIT_ROUNDTRIP_FP32 = 1e-4  # docs/guarantees.md §5, data space
+PEER_GOAL = 1.5  # ONNX Runtime at least this many times faster than the best peer
+PEER_BATCHES = (1, 256)
+LEVEL = 1.05  # medians closer than this are called level, not a win
 
 
 def log(message: str) -> None:
@@ -99,7 +109,7 @@ def sample_variant(source: Path, out: Path, inverse: str, counts: list[int] | No
     manifest["graphs"]["sample"]["nodes"] = count_nodes(model.graph)
     manifest["iterations"]["exported_total"] = sum(counts)
     manifest["files"] = {name: sha256_file(out / name) for name in manifest["files"]}
-    write_json(out / MANIFEST, manifest)
+    write_manifest(out / MANIFEST, manifest)  # re-stamps manifest_sha256, which open_artifact checks
     return out
 
 
@@ -312,6 +322,13 @@ def targets(digits: dict, manifest: dict) -> list[dict]:
         ours, theirs = find(digits, "ort", "sample", batch), find(digits, "resflow", "sample", batch)
         value = theirs["median_ms"] / ours["median_ms"] if ours and theirs else None
         add(f"sample batch {batch}: ORT vs Residual-Flows way", value, ">= 5x", None if value is None else value >= 5)
+    for what, batch, peer, ratio in peer_ratios(digits):
+        add(
+            f"{what} batch {batch}: ORT vs best peer ({peer or 'none measured'})",
+            ratio,
+            f">= {PEER_GOAL}x",
+            None if ratio is None else ratio >= PEER_GOAL,
+        )
     it = manifest["iterations"]
     add(
         "calibrated / certified iterations",
@@ -348,6 +365,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def bench_table(report: dict, what: str) -> str:
+    compiles = any(r.get("compile_s") is not None for r in rows_of(report, what))
     rows = []
     for r in rows_of(report, what):
         rows.append(
@@ -365,6 +383,8 @@ def bench_table(report: dict, what: str) -> str:
                 None if r["iterations"] is None else int(r["iterations"]),
             ]
         )
+        if compiles:
+            rows[-1].append(r.get("compile_s"))
     headers = [
         "batch",
         "backend",
@@ -377,8 +397,97 @@ def bench_table(report: dict, what: str) -> str:
         "GFLOP/s",
         "% peak",
         "iterations",
-    ]
+    ] + (["compile s"] if compiles else [])
     return table(headers, rows)
+
+
+# --------------------------------------------------------------------------- peers
+def peer_batches(report: dict, what: str) -> list[int]:
+    """Batches 1 and 256 where measured, else the smallest and largest measured (a --quick run)."""
+    measured = sorted({r["batch"] for r in rows_of(report, what) if r["backend"] == "ort"})
+    if not measured:
+        return []
+    wanted = [b for b in PEER_BATCHES if b in measured]
+    return wanted if len(wanted) == len(PEER_BATCHES) else sorted({measured[0], measured[-1]})
+
+
+def peer_ratios(report: dict) -> list[tuple[str, int, str | None, float | None]]:
+    """(graph, batch, best peer, its median / ORT's median) per peer cell; None where no peer was measured."""
+    out = []
+    for what in ("sample", "density"):
+        for batch in peer_batches(report, what):
+            ours = find(report, "ort", what, batch)
+            peers = [r for p in PEERS if (r := find(report, p, what, batch))]
+            best = min(peers, key=lambda r: r["median_ms"], default=None)
+            ratio = best["median_ms"] / ours["median_ms"] if best and ours else None
+            out.append((what, batch, best["backend"] if best else None, ratio))
+    return out
+
+
+def peer_table(report: dict) -> str:
+    """Medians of ORT and every peer per cell, each as 'ORT is Nx faster' (below 1: the peer is faster)."""
+    measured = [p for p in PEERS if any(r["backend"] == p for r in report["results"])]
+    rows = []
+    for what in ("sample", "density"):
+        for batch in peer_batches(report, what):
+            ours = find(report, "ort", what, batch)
+            row: list[Any] = [what, str(batch), ours["median_ms"] if ours else None]
+            for peer in measured:
+                theirs = find(report, peer, what, batch)
+                row += [
+                    theirs["median_ms"] if theirs else None,
+                    theirs["median_ms"] / ours["median_ms"] if theirs and ours else None,
+                ]
+            rows.append(row)
+    headers = ["graph", "batch", "ORT ms"] + [h for p in measured for h in (f"{p} ms", f"ORT speed-up vs {p}")]
+    return table(headers, rows)
+
+
+def compile_table(report: dict) -> str:
+    """Compile seconds per peer cell, with torch.compile's inductor cache state where it was recorded."""
+
+    def cache(row: dict) -> str:
+        info = (report.get("backends") or {}).get(row["what"], {}) or {}
+        states = (info.get(row["backend"]) or {}).get("compile_cache") or {}
+        return states.get(f"{row['what']}/{row['batch']}", "-")
+
+    rows = [
+        [r["backend"], r["what"], str(r["batch"]), r["compile_s"], cache(r)]
+        for r in sorted(report["results"], key=lambda r: (r["backend"], r["what"], r["batch"]))
+        if r.get("compile_s") is not None
+    ]
+    if not rows:
+        return "No backend compiled per batch size."
+    return table(["backend", "graph", "batch", "compile s", "inductor cache"], rows)
+
+
+def peer_note(report: dict) -> str:
+    """What the peer numbers say, generated from them: where ORT meets the goal, where a peer wins."""
+    unavailable = report.get("unavailable", {})
+    parts = [f"`{name}` was not measured: {reason}." for name, reason in unavailable.items()]
+    ratios = peer_ratios(report)
+    if not any(peer for _, _, peer, _ in ratios):
+        return " ".join(parts + ["No peer was measured."])
+    met = [f"{w} batch {b} ({r:.2f}x over {p})" for w, b, p, r in ratios if r is not None and r >= PEER_GOAL]
+    short = [f"{w} batch {b} ({r:.2f}x over {p})" for w, b, p, r in ratios if r is not None and 1 <= r < PEER_GOAL]
+    lost = [(w, b, p, r) for w, b, p, r in ratios if r is not None and r < 1]
+    if met:
+        parts.append(f"ONNX Runtime is at least {PEER_GOAL}x faster than the best peer at {', '.join(met)}.")
+    if short:
+        parts.append(f"It is faster, but by less than {PEER_GOAL}x, at {', '.join(short)}.")
+    for what, batch, peer, ratio in lost:
+        ours, theirs = find(report, "ort", what, batch), find(report, peer, what, batch)
+        medians = f"{theirs['median_ms']:.3g} ms vs {ours['median_ms']:.3g} ms"
+        if 1 / ratio < LEVEL:
+            parts.append(
+                f"At {what} batch {batch} {peer} and ONNX Runtime are level ({medians}, within {LEVEL - 1:.0%})."
+            )
+        else:
+            parts.append(
+                f"**{peer} is faster than ONNX Runtime at {what} batch {batch}** ({medians}, {1 / ratio:.2f}x); "
+                f"it runs the same artifact with `--backend {peer}`."
+            )
+    return " ".join(parts)
 
 
 def plots(results: dict) -> list[str]:
@@ -457,6 +566,34 @@ def bound_sentence(report: dict) -> str:
     return "; ".join(parts)
 
 
+def peer_section(report: dict) -> list[str]:
+    """Markdown lines comparing ONNX Runtime with the peers (empty when the run measured none)."""
+    if not any(r["backend"] in PEERS for r in report["results"]) and not report.get("unavailable"):
+        return []
+    return [
+        "## Against what users would pick instead",
+        "",
+        "Peers in the same rounds on the same inputs: `torch-compile` is `torch.compile` (inductor, default shape "
+        "handling) of the same baked module eager PyTorch runs; `openvino` runs the same ONNX graphs with their "
+        "dynamic batch axis, `openvino-static` the same graphs reshaped to each benched batch before compiling "
+        "(fp32 inference precision; threads spent as the ONNX Runtime backend spends them, one single-threaded stream "
+        "per shard of a large batch). `ORT speed-up vs peer` is the peer's median over ONNX "
+        f"Runtime's: above 1 ONNX Runtime is faster; the goal is at least {PEER_GOAL}x over the best peer.",
+        "",
+        peer_table(report),
+        "",
+        peer_note(report),
+        "",
+        "Compile time: the first call at each cell's batch sizes, before and outside the timed rounds. "
+        "torch.compile generalises the batch axis after the second size it sees, so later sizes reuse that code; "
+        "its inductor keeps an on-disk cache (on by default), and a `hit` means this graph had been compiled on "
+        "this machine before, which takes seconds where a `miss` takes minutes.",
+        "",
+        compile_table(report),
+        "",
+    ]
+
+
 def markdown(results: dict, files: list[str]) -> str:
     m = results["machine"]
     digits = results["digits"]
@@ -479,7 +616,9 @@ def markdown(results: dict, files: list[str]) -> str:
         f"its backend's CPU default); load average at start {', '.join(f'{x:.1f}' for x in m.get('load_average', []))}.",
         f"- Measured fp32 matmul peak on {results['threads']} thread(s): **{m['matmul_peak']['gflops']:.1f} GFLOP/s** "
         f"(best of repeated 1024^3 products; torch {m['matmul_peak'].get('torch_gflops', 0):.1f}, numpy {m['matmul_peak'].get('numpy_gflops', 0):.1f}).",
-        f"- Software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}.",
+        f"- Software: Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}"
+        + (f", openvino {m['openvino']}" if m.get("openvino") else "")
+        + ".",
         f"- Model: `{manifest['preset']}` from `{digits['checkpoint']}`, fp32, spectral-norm coefficient "
         f"**{manifest['config']['coeff']}** per layer (certified per-block L up to {manifest['inverse']['max_lipschitz']:.3f}), "
         f"fixed-point tolerance **{manifest['inverse']['tol']:g}** (max-abs per block), log-det `{manifest['logdet']['mode']}`, "
@@ -520,6 +659,7 @@ def markdown(results: dict, files: list[str]) -> str:
         f"density {bench_d['graphs']['density']['flops_per_sample']['1'] / 1e6:.1f} MFLOP per sample. {bound_sentence(bench_d)}. "
         + results["bound_note"],
         "",
+        *peer_section(bench_d),
         "## Iterations: certified, calibrated, oracle",
         "",
         table(
@@ -648,13 +788,15 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats, small batches, no mnist")
     parser.add_argument("--no-mnist", action="store_true", help="skip the larger preset")
+    parser.add_argument("--no-peers", action="store_true", help="skip torch.compile and OpenVINO")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--render-only", action="store_true", help="re-render BENCHMARKS.md from results.json")
+    parser.add_argument("--results", type=Path, default=HERE / "results.json", help="results file for --render-only")
     args = parser.parse_args()
     if args.render_only:
-        results = json.loads((HERE / "results.json").read_text())
+        results = json.loads(args.results.read_text())
         args.out.write_text(markdown(results, plots(results)))
-        log(f"re-rendered {args.out} from {HERE / 'results.json'}")
+        log(f"re-rendered {args.out} from {args.results}")
         return
 
     started = time.perf_counter()
@@ -688,10 +830,13 @@ def main() -> None:
         dirs = {default_inverse: loop_dir, other: other_dir}
 
         log("digits: sample and density vs batch")
-        sample_report = bench(loop_dir, ["torch", "ort", "resflow"], batches, ["sample"], threads, repeats, 15)
-        density_report = bench(loop_dir, ["torch", "ort"], density_batches, ["density"], threads, 3, 10)
+        peers = [] if args.no_peers else list(PEERS)
+        sample_report = bench(loop_dir, ["torch", "ort", "resflow", *peers], batches, ["sample"], threads, repeats, 15)
+        density_report = bench(loop_dir, ["torch", "ort", *peers], density_batches, ["density"], threads, 3, 10)
         digits = {**sample_report, "results": sample_report["results"] + density_report["results"]}
         digits["graphs"].update(density_report["graphs"])
+        digits["unavailable"] = {**sample_report.get("unavailable", {}), **density_report.get("unavailable", {})}
+        digits["backends"] = {"sample": sample_report.get("backends"), "density": density_report.get("backends")}
         log("digits: loop vs unroll")
         lvu = loop_vs_unroll(dirs["loop"], dirs["unroll"], [1, 256] if not quick else [1], threads, repeats)
         log("digits: session options")

@@ -1,4 +1,5 @@
-"""Backends behind one interface: ``torch`` (reference), ``ort`` (CPU; ``ort-cuda``, ``ort-trt``), ``trt``."""
+"""Backends behind one interface: ``torch`` (reference), ``ort`` (CPU; ``ort-cuda``, ``ort-trt``), ``trt``, and the
+peers a user might pick instead: ``torch-compile`` and OpenVINO (``openvino``, ``openvino-static``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from ..artifact import Artifact
 from ..errors import BadInput
 from .base import Backend
 
-BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt")
+BACKENDS = ("torch", "ort", "ort-cuda", "ort-trt", "trt", "torch-compile", "openvino", "openvino-static")
 
 
 def open_backend(
@@ -28,6 +29,14 @@ def open_backend(
 
         device = {"ort": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[name]
         return OrtBackend(artifact, device=device, threads=threads, graphs=graphs)
+    if name == "torch-compile":
+        from .torch_compile_backend import TorchCompileBackend
+
+        return TorchCompileBackend(artifact, threads=threads)
+    if name in ("openvino", "openvino-static"):
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(artifact, threads=threads, static=name == "openvino-static", graphs=graphs)
     if name == "trt":
         from .trt_backend import TrtBackend
 

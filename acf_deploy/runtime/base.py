@@ -39,6 +39,13 @@ class Backend(ABC):
     def density(self, x: np.ndarray, probes: np.ndarray | None = None) -> Arrays:
         """Map data to latents with log-likelihood and bits/dim."""
 
+    def prepare(self, graph: str, batch: int) -> float | None:
+        """Compile ``graph`` for ``batch`` rows ahead of use, so a benchmark times runs, not compilation.
+
+        Returns the seconds spent, or None when this backend does not compile per batch size.
+        """
+        return None
+
     def close(self) -> None:
         """Release sessions, engines and device memory."""
 

@@ -15,6 +15,11 @@ graph's achieved FLOP/s as a fraction of this machine's fp32 matmul peak.
 * **Baselines**: ``torch`` is :class:`~acf_deploy.runtime.torch_backend.TorchBackend` (the same baked
   module, same iteration counts, ``inference_mode``, same threads). ``resflow`` is the Residual-Flows
   way (:class:`ResFlowBaseline`): eager PyTorch iterating every block until a tolerance is met.
+* **Peers** (:data:`PEERS`), what a user might run instead: ``torch-compile`` (the same baked module under
+  ``torch.compile``) and OpenVINO on the same ONNX graphs (``openvino``: dynamic batch as exported;
+  ``openvino-static``: reshaped to each benched batch). Compilation happens in :meth:`Backend.prepare` before
+  a cell's rounds and is reported as ``compile_s``, never inside the medians. A peer that cannot run here
+  is listed under ``unavailable`` with its one-line reason and the rest of the benchmark goes on.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ import onnx
 from onnx import GraphProto, numpy_helper
 
 from ..artifact import Artifact
-from ..errors import BadInput
+from ..errors import BackendUnavailable, BadInput
 from ..onnx_util import BATCH, dims, infer_shapes, loop_body, value_types
 from .base import Arrays, Backend
 from .ort_backend import available_cores
 
 __all__ = [
+    "PEERS",
     "BenchOptions",
     "ResFlowBaseline",
     "graph_flops",
@@ -51,6 +57,8 @@ __all__ = [
 
 WHAT = ("sample", "density")
 RESFLOW = "resflow"
+#: Optional peers: skipped with a reason, not an error, where they cannot run.
+PEERS = ("torch-compile", "openvino", "openvino-static")
 RESFLOW_TOLS = tuple(10.0 ** (-k / 2) for k in range(4, 17))  # 1e-2 .. 1e-8 in half decades
 RESFLOW_SLACK = 1.5  # "same round-trip error": at most this factor above ours
 
@@ -142,6 +150,9 @@ def machine_info(threads: int) -> dict[str, Any]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         info["onnxruntime"] = None
+    from .openvino_backend import openvino_version
+
+    info["openvino"] = openvino_version()
     try:
         info["load_average"] = list(os.getloadavg())
     except OSError:
@@ -429,10 +440,21 @@ def run_bench(
     say(f"measuring the fp32 matmul peak on {threads} thread(s)")
     peak = matmul_peak(threads)
     backends: dict[str, Backend] = {}
+    unavailable: dict[str, str] = {}
+    opened: dict[str, dict[str, Any]] = {}
     try:
         for name in names:
             say(f"opening {name}")
-            backends[name] = _open(name, artifact, threads, opts)
+            started = time.perf_counter()
+            try:
+                backends[name] = _open(name, artifact, threads, opts)
+            except BackendUnavailable as exc:
+                if name not in PEERS:
+                    raise
+                unavailable[name] = str(exc)
+                say(f"{name} unavailable: {exc}")
+                continue
+            opened[name] = {"open_s": time.perf_counter() - started, "compile_s": {}}
         if "torch" in backends:
             from .torch_backend import set_torch_threads
 
@@ -443,8 +465,18 @@ def run_bench(
             for batch in opts.batches:
                 runners = {n: b for n, b in backends.items() if what == "sample" or n != RESFLOW}
                 say(f"{what} batch {batch}")
+                compiled = _prepare(artifact, runners, what, batch, unavailable, say)
+                for name in list(runners):
+                    if name in unavailable:
+                        backends.pop(name).close()
+                        del runners[name]
+                for name, seconds in compiled.items():
+                    opened[name]["compile_s"].setdefault(what, {})[str(batch)] = seconds
                 cells = _time_cell(artifact, runners, what, batch, opts)
-                results += _rows(cells, what, batch, flops.get(what, {}).get(batch), peak["gflops"])
+                results += _rows(cells, what, batch, flops.get(what, {}).get(batch), peak["gflops"], compiled)
+        for name, backend in backends.items():
+            if getattr(backend, "compile_cache", None):
+                opened[name]["compile_cache"] = dict(backend.compile_cache)
     finally:
         for backend in backends.values():
             backend.close()
@@ -462,6 +494,8 @@ def run_bench(
             for what, per_batch in flops.items()
         },
         "results": results,
+        "backends": opened,  # a peer that failed in a later cell keeps its earlier rows and compile times
+        "unavailable": unavailable,
     }
     if RESFLOW in backends:
         baseline = backends[RESFLOW]
@@ -490,6 +524,42 @@ def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[s
         model = onnx.load(str(artifact.graph_path(what)))
         out[what] = {batch: _count_flops(model, batch) for batch in opts.batches}
     return out
+
+
+def _call_sizes(artifact: Artifact, what: str, batch: int) -> list[int]:
+    """The batch sizes one call of a cell runs: density goes in chunks of the artifact's largest safe batch."""
+    chunk = int(artifact.manifest.get("max_safe_batch", batch)) if what == "density" else batch
+    if batch <= chunk:
+        return [batch]
+    return sorted({chunk} | ({batch % chunk} - {0}), reverse=True)
+
+
+def _prepare(
+    artifact: Artifact,
+    runners: dict[str, Backend],
+    what: str,
+    batch: int,
+    unavailable: dict[str, str],
+    say: Callable[[str], None],
+) -> dict[str, float]:
+    """Let every backend compile for this cell's shapes; returns the seconds of those that compiled.
+
+    A peer whose compilation fails here is recorded in ``unavailable`` (and then dropped by the caller).
+    """
+    seconds: dict[str, float] = {}
+    for name, backend in runners.items():
+        try:
+            spent = [backend.prepare(what, size) for size in _call_sizes(artifact, what, batch)]
+        except BackendUnavailable as exc:
+            if name not in PEERS:
+                raise
+            unavailable[name] = str(exc)
+            say(f"{name} unavailable: {exc}")
+            continue
+        if any(s is not None for s in spent):
+            seconds[name] = float(sum(s for s in spent if s is not None))
+            say(f"{name}: {what} batch {batch} compiled in {seconds[name]:.1f} s")
+    return seconds
 
 
 def time_round_robin(
@@ -563,7 +633,12 @@ def _time_cell(
 
 
 def _rows(
-    cells: dict[str, _Cell], what: str, batch: int, flops: dict[str, Any] | None, peak_gflops: float
+    cells: dict[str, _Cell],
+    what: str,
+    batch: int,
+    flops: dict[str, Any] | None,
+    peak_gflops: float,
+    compiled: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     torch_cell = cells.get("torch")
     torch_median = float(np.median(torch_cell.wall)) if torch_cell else None
@@ -584,6 +659,8 @@ def _rows(
             "gflops_per_s": None,
             "peak_fraction": None,
             "max_abs_diff_vs_torch": None,
+            # seconds this backend spent compiling for the cell's shapes before its timed rounds (None: no compiling)
+            "compile_s": (compiled or {}).get(name),
         }
         if flops and name != RESFLOW:
             rate = flops["flops"] / median / 1e9
