@@ -278,3 +278,31 @@ def test_phased_lu_loops_match_slogdet(dim: int):
     assert np.all(sign > 0)
     np.testing.assert_allclose(logdet, expected, rtol=0, atol=2e-5 * dim)
     np.testing.assert_allclose(pivot, lu_logdet(torch.from_numpy(a).double())[1].numpy(), rtol=1e-4)
+
+
+def test_export_reports_every_stage_with_its_steps(exports, tmp_path: Path):
+    """The library reports stages of counted steps (the CLI draws a bar per stage): each stage is announced
+    once, in pipeline order, and advanced exactly as many times as it announced."""
+    from acf_deploy.progress import Reporter
+
+    class Recorder(Reporter):
+        def __init__(self) -> None:
+            self.stages: list[list] = []
+
+        def stage(self, name: str, total: int) -> None:
+            self.stages.append([name, total, 0])
+
+        def advance(self, note: str = "") -> None:
+            self.stages[-1][2] += 1
+
+    recorder = Recorder()
+    export_artifact(exports.checkpoint("toy-resflow"), tmp_path / "art", ExportOptions(), progress=recorder)
+    names = [s[0] for s in recorder.stages]
+    assert names == ["measure blocks", "calibrate", "trace", "optimise", "reference outputs", "verify on ONNX Runtime"]
+    assert all(total == done for _, total, done in recorder.stages), recorder.stages
+    assert recorder.stages[0][1] == 2  # the toy flow's two residual blocks
+
+    result = CliRunner().invoke(app, ["export", str(exports.checkpoint("toy-resflow")), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert name in result.output
