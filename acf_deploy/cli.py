@@ -30,12 +30,6 @@ from typer.core import TyperCommand, TyperGroup
 from . import __version__
 from .errors import AcfError
 
-# PyTorch's OpenMP workers spin while they wait for the next operator. When other processes keep the cores
-# busy, spinning workers and those processes take turns on every small operator: measuring a digits model's
-# blocks ran 100x slower (a branch evaluation went from 3 ms to 330 ms). Sleeping workers cost a wake-up of
-# microseconds instead. It must be set before torch loads its OpenMP runtime; the user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def _flags_as_flags(params: list) -> list:
     """Help shows ``--json``, not ``--json <bool>``: an on/off option takes no value."""
@@ -78,8 +72,17 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: How long PyTorch's OpenMP workers (libgomp) spin before they sleep. By default they spin long enough that
+#: two PyTorch processes on the same cores take turns on every small operator: with another one busy, a digits
+#: block's evaluation took 37 ms instead of 2.5 ms (and 330 ms with two such neighbours). Spinning 2000 rounds
+#: keeps that at 2.5 ms and costs eager sampling on a quiet machine at most 25 % (73 -> 91 ms at batch 64; never
+#: sleeping cost 2.5x). ``bench`` keeps the default, so its eager baseline runs at its quiet-machine best.
+OPENMP_SPINCOUNT = "2000"
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help=f"Print the traceback of an internal error (or {DEBUG_ENV}=1)."),
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
@@ -87,6 +90,8 @@ def main(
 ) -> None:
     """acf-deploy: trained Attentive Contractive Flows to verified ONNX / TensorRT deployments."""
     _state["debug"] = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if ctx.invoked_subcommand != "bench":  # before torch is imported; the user's own setting wins
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -351,3 +351,20 @@ def test_help_shows_flags_as_flags_and_backend_choices(command: str):
     assert "<bool>" not in result.output
     if "--backend" in result.output:
         assert "|".join(BACKENDS) in result.output
+
+
+def test_openmp_workers_spin_briefly_except_when_benchmarking(monkeypatch):
+    """Every command but ``bench`` has PyTorch's OpenMP workers spin only briefly (neighbouring PyTorch
+    processes made long spins 15x slower); ``bench`` keeps the default; a user's own setting is kept."""
+    import os
+
+    from acf_deploy.cli import OPENMP_SPINCOUNT
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert runner.invoke(app, ["bench", "--help"]).exit_code == 0
+    assert "GOMP_SPINCOUNT" not in os.environ
+    assert runner.invoke(app, ["export", "--help"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert runner.invoke(app, ["check", "--help"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "7"
