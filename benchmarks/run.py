@@ -643,7 +643,7 @@ def markdown(results: dict, files: list[str]) -> str:
                     t["goal"],
                     "-" if t["passed"] is None else ("yes" if t["passed"] else "**no**"),
                 ]
-                for t in digits["targets"]
+                for t in digits["targets"] + companion_targets()
             ],
         ),
         "",
@@ -769,8 +769,83 @@ def markdown(results: dict, files: list[str]) -> str:
             bench_table(mn["bench"], "density"),
             "",
         ]
+    out += companion_sections()
     out += ["## Plots", ""] + [f"![{name}](benchmarks/{name})" for name in files] + [""]
     return "\n".join(out)
+
+
+def _companion(name: str) -> dict | None:
+    """The committed results of another benchmark script (``benchmarks/NAME.json``), if it has been run."""
+    path = HERE / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def companion_targets() -> list[dict]:
+    """Targets measured by the other scripts: the density graph against its previous form, and export cost."""
+    out = []
+
+    def add(name: str, value: float, goal: str, ok: bool) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "passed": ok})
+
+    density = _companion("density_linearize")
+    for row in density["rows"] if density else []:
+        add(
+            f"density batch {row['batch']}: linearized graph vs previous graph",
+            row["speedup"],
+            ">= 1.7x",
+            row["speedup"] >= 1.7,
+        )
+    cost = _companion("export_cost")
+    if cost:
+        add("quickstart end to end (s)", cost["quickstart"]["seconds"], "<= 120", cost["quickstart"]["seconds"] <= 120)
+        worst = max(row["peak_rss_mb"] for row in cost["exports"].values())
+        add("export peak RSS, shipped models (MB)", worst, "<= 1024", worst <= 1024)
+        fresh = cost["fresh"]["export"]["seconds"]
+        add("export of a freshly trained digits model (s)", fresh, "<= 120", fresh <= 120)
+        check = cost["fresh"]["check"]["peak_rss_mb"]
+        add("check --n 1024 peak RSS (MB)", check, "<= 1024", check <= 1024)
+    return out
+
+
+def companion_sections() -> list[str]:
+    """Sections rendered from the other scripts' results, so BENCHMARKS.md stays one generated document."""
+    import compare_artifacts
+    import export_cost
+    import import_mnist
+
+    out = []
+    if _companion("density_linearize"):
+        out += [
+            "## Density graph: g linearized once, LU in phases",
+            "",
+            "`python benchmarks/compare_artifacts.py BEFORE AFTER`: the shipped digits-acf-l2 exported by the previous "
+            "exporter (every tangent recomputed g's primal; LU masked over the full matrix for all D steps) and by this "
+            "one (g linearized once, the basis pushed through as one batch shared by all samples, the LU sliced to "
+            "its Schur complement every 16 steps), on ONNX Runtime in one run.",
+            "",
+            compare_artifacts.render(_companion("density_linearize")),
+            "",
+        ]
+    if _companion("export_cost"):
+        out += [
+            "## Export cost",
+            "",
+            "`python benchmarks/export_cost.py`: each step its own `acf-deploy` process under GNU time.",
+            "",
+            export_cost.render(_companion("export_cost")),
+            "",
+        ]
+    if _companion("import_mnist"):
+        out += [
+            "## The reference's full-size MNIST Residual Flow, imported",
+            "",
+            "`python benchmarks/import_mnist.py`: a checkpoint in the format of the Residual Flows code "
+            "(`train_img.py --nblocks 16-16-16 --idim 512 --fc-end True --fc-idim 128`), imported, exported, benchmarked.",
+            "",
+            import_mnist.render(_companion("import_mnist")),
+            "",
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------- main
