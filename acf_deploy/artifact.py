@@ -106,6 +106,11 @@ class Artifact:
         return self.manifest["logdet"]["mode"]
 
     @property
+    def schedule(self) -> str:
+        """How the sampler iterates each block: ``plain`` or ``anderson`` (artifacts before it: plain)."""
+        return self.manifest["inverse"].get("schedule", "plain")
+
+    @property
     def n_probes(self) -> int:
         return int(self.manifest["logdet"].get("probes") or 0)
 

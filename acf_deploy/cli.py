@@ -338,6 +338,12 @@ def export(
     inverse: str = typer.Option(
         "loop", metavar="loop|unroll", help="loop | unroll: how fixed-point iterations appear in sample.onnx."
     ),
+    schedule: str = typer.Option(
+        "plain",
+        metavar="plain|anderson",
+        help="plain | anderson: fixed-point iterations as they are, or Anderson-accelerated (fewer, calibrated the same "
+        "way; each block's last step stays plain, so the residual output still bounds the error).",
+    ),
     iters: str = typer.Option("calibrated", help="calibrated | certified | N iterations per block."),
     tol: float = typer.Option(1e-5, help="Per-block fixed-point tolerance (max-abs)."),
     precision: str = typer.Option(
@@ -362,6 +368,7 @@ def export(
         terms=terms,
         probes=probes,
         inverse=inverse,
+        schedule=schedule,
         iters=iters,
         tol=tol,
         precision=precision,
@@ -383,6 +390,7 @@ def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "preset": manifest["preset"],
         "logdet": manifest["logdet"]["mode"],
         "inverse": manifest["inverse"]["mode"],
+        "schedule": manifest["inverse"].get("schedule", "plain"),
         "iterations": manifest["iterations"],
         "nodes": {g: manifest["graphs"][g]["nodes"] for g in ("sample", "density")},
         "roundtrip": manifest["roundtrip"],
@@ -399,7 +407,7 @@ def render_export(root: Path, summary: dict[str, Any]) -> None:
     it = summary["iterations"]
     out.print(
         f"[green]exported[/green] {summary['preset']} to {root} in {summary['export_seconds']:.1f} s "
-        f"(log-det {summary['logdet']}, inverse {summary['inverse']})"
+        f"(log-det {summary['logdet']}, inverse {summary['inverse']}, {summary['schedule']} iterations)"
     )
     out.print(
         f"iterations: exported {it['exported_total']}, calibrated {it['calibrated_total']}, "

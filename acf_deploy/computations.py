@@ -42,14 +42,14 @@ class DensityGraph(nn.Module):
 
 
 class SampleGraph(nn.Module):
-    """``z, temperature -> x, residual`` with the fixed-point iterations unrolled."""
+    """``z, temperature -> x, residual`` with the fixed-point iterations (plain or accelerated) unrolled."""
 
-    def __init__(self, flow: Flow, n_iters: Sequence[int]):
+    def __init__(self, flow: Flow, n_iters: Sequence[int], schedule: str = "plain"):
         super().__init__()
-        self.flow, self.n_iters = flow, list(n_iters)
+        self.flow, self.n_iters, self.schedule = flow, list(n_iters), schedule
 
     def forward(self, z: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow.sample(z, self.n_iters, temperature)
+        return self.flow.sample(z, self.n_iters, temperature, self.schedule)
 
 
 def density_io(mode: str, n_blocks_traced: int = 0) -> tuple[list[str], list[str]]:
@@ -60,9 +60,11 @@ def density_io(mode: str, n_blocks_traced: int = 0) -> tuple[list[str], list[str
 
 
 @torch.inference_mode()
-def reference_sample(flow: Flow, counts: Sequence[int], z: np.ndarray, temperature: np.ndarray) -> Arrays:
+def reference_sample(
+    flow: Flow, counts: Sequence[int], z: np.ndarray, temperature: np.ndarray, schedule: str = "plain"
+) -> Arrays:
     """:class:`SampleGraph` run eagerly on numpy inputs."""
-    x, residual = SampleGraph(flow, counts)(torch.from_numpy(z), torch.from_numpy(temperature))
+    x, residual = SampleGraph(flow, counts, schedule)(torch.from_numpy(z), torch.from_numpy(temperature))
     return {"x": x.numpy(), "residual": residual.numpy()}
 
 

@@ -61,6 +61,7 @@ class Logdet(_Fields):
 
 class Inverse(_Fields):
     mode: Literal["loop", "unroll"]
+    schedule: Literal["plain", "anderson"] = "plain"
 
 
 class Iterations(_Fields):

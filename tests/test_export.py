@@ -306,3 +306,28 @@ def test_export_reports_every_stage_with_its_steps(exports, tmp_path: Path):
     assert result.exit_code == 0, result.output
     for name in names:
         assert name in result.output
+
+
+@pytest.mark.parametrize("inverse", ["loop", "unroll"])
+def test_anderson_schedule_exports_verified_and_lint_clean(exports, tmp_path: Path, inverse: str):
+    """An Anderson-accelerated sampler (its own calibrated counts) exports as a Loop carrying the history or
+    unrolled, matches the PyTorch reference on ONNX Runtime (the export verifies it), records its schedule,
+    and stays TensorRT-clean; the torch backend runs the same schedule."""
+    target = tmp_path / "art"
+    opts = ExportOptions(inverse=inverse, schedule="anderson")
+    artifact = export_artifact(exports.checkpoint("digits-acf-l2"), target, opts)
+    assert artifact.manifest["verified"] and artifact.manifest["inverse"]["schedule"] == "anderson"
+    require_clean(lint_artifact(target))
+    art = open_artifact(target)
+    with open_backend("ort", art) as ort, open_backend("torch", art) as ref:
+        result = compare_backends(art, ort, ref, 16)
+    assert result.passed, result.metrics
+
+
+def test_certified_counts_are_refused_with_the_anderson_schedule(exports, tmp_path: Path):
+    with pytest.raises(BadInput, match="certified"):
+        export_artifact(
+            exports.checkpoint("toy-resflow"), tmp_path / "a", ExportOptions(schedule="anderson", iters="certified")
+        )
+    with pytest.raises(BadInput, match="schedule"):
+        export_artifact(exports.checkpoint("toy-resflow"), tmp_path / "a", ExportOptions(schedule="newton"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from scipy.stats import chi
@@ -45,6 +46,7 @@ class Calibration:
     calibration_error: list[float]  # max-abs fp32 error at the calibrated count
     fp32_floor: list[bool] = field(default_factory=list)
     oracle: Oracle | None = None
+    schedule: str = "plain"  # what the calibrated and oracle counts iterate; certified counts are plain
 
 
 @dataclass
@@ -141,12 +143,14 @@ def calibrate(
     max_iters: int = 400,
     margin: float = 0.0,
     tol_factor: float = 0.5,
+    schedule: str = "plain",
     progress: Reporter | None = None,
 ) -> Calibration:
     """Certified, calibrated and per-sample oracle counts for every residual block of a baked float32 flow.
 
     ``tol_factor`` (accuracy margin) and ``margin`` (relative count margin, rounded up) make the
-    calibrated count safer than the largest count seen on the calibration samples. ``progress`` hears a
+    calibrated count safer than the largest count seen on the calibration samples. The calibrated and oracle
+    counts iterate ``schedule``; the certified counts bound plain iterations. ``progress`` hears a
     stage ``calibrate``: the float64 reference inverse, then a step per block.
     """
     progress = progress or Reporter()
@@ -160,35 +164,33 @@ def calibrate(
     for block, block_pairs_, cap in zip(flow.residual_blocks(), pairs, certified, strict=True):
         y = torch.cat([p[0] for p in block_pairs_]).float()
         truth = torch.cat([p[1] for p in block_pairs_])
-        n, err, floor = _smallest_count(block, y, truth, tol * tol_factor, min(max_iters, max(cap, 1)))
+        n, err, floor = _smallest_count(block, y, truth, tol * tol_factor, min(max_iters, max(cap, 1)), schedule)
         n = min(cap, n + math.ceil(margin * n))
         calibrated.append(n)
         errors.append(err)
         floors.append(floor)
-        oracle.append(oracle_block_counts(block, y, truth, tol, min(max_iters, max(cap, 1))))
+        oracle.append(oracle_block_counts(block, y, truth, tol, min(max_iters, max(cap, 1)), schedule))
         progress.advance(f"{n} of at most {cap} iterations")
     n_data = 0 if data_x is None else len(data_x)
     n_rows = n_data + (0 if prior_z is None else len(prior_z))
     counts = torch.stack(oracle, 1) if oracle else torch.zeros(n_rows, 0, dtype=torch.long)  # no residual block
-    return Calibration(certified, calibrated, radii, kinds, errors, floors, Oracle(counts, n_data))
+    return Calibration(certified, calibrated, radii, kinds, errors, floors, Oracle(counts, n_data), schedule)
 
 
 @torch.no_grad()
 def oracle_block_counts(
-    block: ResidualBlock, y: torch.Tensor, truth: torch.Tensor, tol: float, cap: int
+    block: ResidualBlock, y: torch.Tensor, truth: torch.Tensor, tol: float, cap: int, schedule: str = "plain"
 ) -> torch.Tensor:
     """Per sample, the fewest fp32 iterations from ``x0 = y`` whose max-abs error to ``truth`` is at most
     ``tol``; a sample that never gets there (fp32 floor) counts the first iteration reaching its best error.
 
     Stops once every sample is within ``tol``, or once the samples still outside it stop contracting.
     """
-    x = y
     first = torch.zeros(len(y), dtype=torch.int64)
     best = torch.full((len(y),), math.inf, dtype=torch.float64)
     best_at = torch.zeros(len(y), dtype=torch.int64)
     history: list[float] = []
-    for n in range(1, cap + 1):
-        x, _ = block.inverse_step(x, y)
+    for n, (x, _) in enumerate(islice(block.iterates(y, schedule), cap), start=1):
         err = (x.double() - truth).flatten(1).abs().amax(1)
         first[(first == 0) & (err <= tol)] = n
         improved = err < best
@@ -203,13 +205,11 @@ def oracle_block_counts(
 
 
 def _smallest_count(
-    block: ResidualBlock, y: torch.Tensor, truth: torch.Tensor, tol: float, cap: int
+    block: ResidualBlock, y: torch.Tensor, truth: torch.Tensor, tol: float, cap: int, schedule: str = "plain"
 ) -> tuple[int, float, bool]:
     """Iterate in fp32 until the max-abs error to ``truth`` is below ``tol`` or stops improving."""
-    x = y
     history: list[float] = []
-    for n in range(1, cap + 1):
-        x, _ = block.inverse_step(x, y)
+    for n, (x, _) in enumerate(islice(block.iterates(y, schedule), cap), start=1):
         err = float((x.double() - truth).abs().max())
         history.append(err)
         if err <= tol:
@@ -220,16 +220,26 @@ def _smallest_count(
 
 
 @torch.no_grad()
-def per_sample_inverse(flow: Flow, z: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def per_sample_inverse(flow: Flow, z: torch.Tensor, counts: torch.Tensor, schedule: str = "plain") -> torch.Tensor:
     """``Flow.inverse`` with a separate iteration count per sample and block (``counts``: (B, blocks)).
 
-    Runs each block's largest count and freezes a sample's iterate once its own count is reached. A
-    block stops early once an iteration changes nothing (an exact fp32 fixed point: every later
+    Runs each block's largest count and freezes a sample's iterate once its own count is reached. Plain
+    iterations stop early once an iteration changes nothing (an exact fp32 fixed point: every later
     iteration would return the same values) or, with one count for all samples, once the iterates
-    alternate between two values, so long certified schedules cost what they change.
+    alternate between two values, so long certified schedules cost what they change. Accelerated ones
+    (each sample mixes only its own iterates) take each sample's result at its count.
     """
 
+    def solve_accelerated(index: int, block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
+        need = counts[:, index].view(-1, *([1] * (y.dim() - 1)))
+        x = y
+        for n, (x_n, _) in enumerate(islice(block.iterates(y, schedule), int(need.max())), start=1):
+            x = torch.where(need == n, x_n, x)
+        return x
+
     def solve(index: int, block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
+        if schedule != "plain":
+            return solve_accelerated(index, block, y)
         x, x_prev, need = y, None, counts[:, index]
         total = int(need.max()) if len(need) else 0
         uniform = bool((need == total).all())
@@ -250,7 +260,7 @@ def per_sample_inverse(flow: Flow, z: torch.Tensor, counts: torch.Tensor) -> tor
 
 @torch.no_grad()
 def roundtrip_errors(
-    flow: Flow, counts: list[int] | Oracle, data_x: torch.Tensor, prior_z: torch.Tensor
+    flow: Flow, counts: list[int] | Oracle, data_x: torch.Tensor, prior_z: torch.Tensor, schedule: str = "plain"
 ) -> dict[str, float]:
     """fp32 round trips with ``counts``: data -> z -> data (max-abs, data space) and z -> x -> z (relative to ||z||).
 
@@ -260,12 +270,12 @@ def roundtrip_errors(
     z = flow(data_x, LogdetSpec(mode="none")).z
     if isinstance(counts, Oracle):
         n = counts.n_data
-        x_back = per_sample_inverse(flow, z, counts.counts[:n])
-        x_prior = per_sample_inverse(flow, prior_z, counts.counts[n : n + len(prior_z)])
+        x_back = per_sample_inverse(flow, z, counts.counts[:n], schedule)
+        x_prior = per_sample_inverse(flow, prior_z, counts.counts[n : n + len(prior_z)], schedule)
     else:
         per_block = torch.tensor(list(counts), dtype=torch.int64)
-        x_back = per_sample_inverse(flow, z, per_block.expand(len(z), -1))
-        x_prior = per_sample_inverse(flow, prior_z, per_block.expand(len(prior_z), -1))
+        x_back = per_sample_inverse(flow, z, per_block.expand(len(z), -1), schedule)
+        x_prior = per_sample_inverse(flow, prior_z, per_block.expand(len(prior_z), -1), schedule)
     z_back = flow(x_prior, LogdetSpec(mode="none")).z
     rel = (z_back - prior_z).norm(dim=1) / prior_z.norm(dim=1)
     return {"data_max_abs": float((x_back - data_x).abs().max()), "latent_max_rel": float(rel.max())}

@@ -27,7 +27,7 @@ from ..computations import reference_density, reference_sample
 from ..data import heldout_data, to_model_space
 from ..errors import BadInput, CheckFailed
 from ..fileio import atomic_dir, check_output_dir, sha256_file
-from ..flows.blocks import series_truncation_bound
+from ..flows.blocks import SCHEDULES, series_truncation_bound
 from ..flows.cost import sweep_macs_per_sample, widest_per_sample
 from ..flows.flow import Flow
 from ..manifest import write_manifest
@@ -68,6 +68,7 @@ class ExportOptions:
     terms: int = 10
     probes: int = 4
     inverse: str = "loop"  # loop | unroll
+    schedule: str = "plain"  # plain | anderson: how each block's fixed point is iterated
     iters: str = "calibrated"  # calibrated | certified | an integer
     tol: float = 1e-5
     precision: str = "fp32"
@@ -105,6 +106,10 @@ def _check_options(opts: ExportOptions) -> None:
         raise BadInput(f"--logdet must be exact or series, not {opts.logdet!r}")
     if opts.inverse not in ("loop", "unroll"):
         raise BadInput(f"--inverse must be loop or unroll, not {opts.inverse!r}")
+    if opts.schedule not in SCHEDULES:
+        raise BadInput(f"--schedule must be {' or '.join(SCHEDULES)}, not {opts.schedule!r}")
+    if opts.schedule != "plain" and opts.iters == "certified":
+        raise BadInput("--iters certified counts plain iterations; use --schedule plain with it")
     if opts.iters not in ("calibrated", "certified") and not str(opts.iters).isdigit():
         raise BadInput(f"--iters must be calibrated, certified or a positive integer, not {opts.iters!r}")
     if opts.precision not in PRECISIONS:
@@ -194,7 +199,7 @@ def _prepare(checkpoint: str | Path, opts: ExportOptions, progress: Reporter) ->
     data_x = to_model_space(test[:n_calibration], meta["config"], generator)
     prior_z = calibration_latents(flow.dim, generator, n_calibration)
     blocks = _verified_blocks(flow, data_x, prior_z, progress)
-    cal = calibrate(flow, data_x, prior_z, opts.tol, progress=progress)
+    cal = calibrate(flow, data_x, prior_z, opts.tol, schedule=opts.schedule, progress=progress)
     mode = opts.logdet or default_logdet(flow.dim)
     counts = _chosen_counts(opts.iters, cal)
     return _Prepared(flow, meta, mode, generator, test, heldout, data_x, prior_z, blocks, cal, counts)
@@ -208,7 +213,7 @@ def _trace(prepared: _Prepared, opts: ExportOptions, progress: Reporter) -> tupl
     density = export_density(flow, prepared.mode, opts.terms, opts.probes, example_x, opts.opset)
     progress.advance("density")
     exporter = export_sample_loop if opts.inverse == "loop" else export_sample_unrolled
-    sample = exporter(flow, prepared.counts, example_z, opts.opset)
+    sample = exporter(flow, prepared.counts, example_z, opts.opset, opts.schedule)
     progress.advance("sample")
     progress.stage("optimise", 2)
     graphs = []
@@ -297,7 +302,7 @@ def _golden(prepared: _Prepared, opts: ExportOptions, progress: Reporter) -> dic
     if probes is not None:
         golden["in_probes"] = probes
     progress.stage("reference outputs", 2)
-    for key, value in reference_sample(flow, prepared.counts, z, temperature).items():
+    for key, value in reference_sample(flow, prepared.counts, z, temperature, opts.schedule).items():
         golden[f"sample_{key}"] = value
     progress.advance("sample")
     for key, value in reference_density(flow, mode, opts.terms, x, probes).items():
@@ -351,6 +356,7 @@ def _manifest(prepared: _Prepared, opts: ExportOptions, sample: onnx.ModelProto,
         "logdet": _logdet_record(prepared.mode, opts, flow.dim, lips),
         "inverse": {
             "mode": opts.inverse,
+            "schedule": opts.schedule,
             "iters": str(opts.iters),
             "tol": opts.tol,
             "max_lipschitz": max(lips, default=0.0),
@@ -418,7 +424,7 @@ def _block_rows(prepared: _Prepared) -> list[dict[str, Any]]:
 def _roundtrips(prepared: _Prepared) -> dict[str, dict[str, float]]:
     """fp32 round trips with the calibrated, certified, exported (and oracle) iteration counts."""
     flow, cal, data_x, prior_z = prepared.flow, prepared.cal, prepared.data_x, prepared.prior_z
-    calibrated = roundtrip_errors(flow, cal.calibrated, data_x, prior_z)
+    calibrated = roundtrip_errors(flow, cal.calibrated, data_x, prior_z, cal.schedule)
     exported = prepared.counts
     # the certified schedule is longer (5x on digits, 56x on the full-size MNIST flow) and only informative:
     # its round trip may cost what the calibrated one did, on at most 32 samples of each kind
@@ -426,10 +432,12 @@ def _roundtrips(prepared: _Prepared) -> dict[str, dict[str, float]]:
     record = {
         "calibrated": calibrated,
         "certified": roundtrip_errors(flow, cal.certified, data_x[:n_cert], prior_z[:n_cert]),
-        "exported": calibrated if exported == cal.calibrated else roundtrip_errors(flow, exported, data_x, prior_z),
+        "exported": calibrated
+        if exported == cal.calibrated
+        else roundtrip_errors(flow, exported, data_x, prior_z, cal.schedule),
     }
     if cal.oracle is not None and cal.oracle.counts.shape[1]:
-        record["oracle"] = roundtrip_errors(flow, cal.oracle, data_x, prior_z)
+        record["oracle"] = roundtrip_errors(flow, cal.oracle, data_x, prior_z, cal.schedule)
     return record
 
 

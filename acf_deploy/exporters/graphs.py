@@ -201,12 +201,13 @@ def export_density(flow: Flow, mode: str, terms: int, n_probes: int, example: Te
     return model
 
 
-def export_sample_unrolled(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
+def export_sample_unrolled(
+    flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int, schedule: str = "plain"
+) -> onnx.ModelProto:
     temperature = torch.ones(1, dtype=example_z.dtype)
     axes = _axes("z", "x", "residual")
-    return _export(
-        SampleGraph(flow, n_iters), (example_z, temperature), ["z", "temperature"], ["x", "residual"], axes, opset
-    )
+    graph = SampleGraph(flow, n_iters, schedule)
+    return _export(graph, (example_z, temperature), ["z", "temperature"], ["x", "residual"], axes, opset)
 
 
 # --------------------------------------------------------------------------- Loop form
@@ -235,12 +236,19 @@ def _inline(nodes: list, inits: list, model: onnx.ModelProto, prefix: str, renam
     inits.extend(graph.initializer)
 
 
-def _iterate_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int) -> onnx.GraphProto:
-    """Body ``(iter, cond, x) -> (cond, y - g(x))``, reading ``y`` from the outer scope."""
+def _iterate_body(
+    step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: list, dtype: int, carried: Sequence[tuple[str, str]]
+) -> onnx.GraphProto:
+    """Body ``(iter, cond, *state) -> (cond, *step(state, y))``, reading ``y`` from the outer scope.
+
+    ``carried`` pairs each of the step's state inputs with the output that replaces it (all shaped like ``x``).
+    """
     nodes: list = []
     inits: list = []
-    x_in, x_out = f"{prefix}x_in", f"{prefix}x_out"
-    _inline(nodes, inits, step, prefix, {"x": x_in, "y": outer_y, "x_new": x_out})
+    rename = {"y": outer_y}
+    for name_in, name_out in carried:
+        rename[name_in], rename[name_out] = f"{prefix}{name_in}_in", f"{prefix}{name_out}_out"
+    _inline(nodes, inits, step, prefix, rename)
     nodes.append(helper.make_node("Identity", [f"{prefix}cond_in"], [f"{prefix}cond_out"]))
     return helper.make_graph(
         nodes,
@@ -248,19 +256,21 @@ def _iterate_body(step: onnx.ModelProto, prefix: str, outer_y: str, shape_x: lis
         [
             helper.make_tensor_value_info(f"{prefix}iter", TensorProto.INT64, []),
             helper.make_tensor_value_info(f"{prefix}cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(x_in, dtype, shape_x),
+            *(helper.make_tensor_value_info(rename[name], dtype, shape_x) for name, _ in carried),
         ],
         [
             helper.make_tensor_value_info(f"{prefix}cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info(x_out, dtype, shape_x),
+            *(helper.make_tensor_value_info(rename[name], dtype, shape_x) for _, name in carried),
         ],
         initializer=inits,
     )
 
 
-def export_sample_loop(flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int) -> onnx.ModelProto:
+def export_sample_loop(
+    flow: Flow, n_iters: Sequence[int], example_z: Tensor, opset: int, schedule: str = "plain"
+) -> onnx.ModelProto:
     """Sampling graph with one ONNX ``Loop`` per residual block, stitched from traced pieces."""
-    builder = _LoopSampler(flow, opset, example_z)
+    builder = _LoopSampler(flow, opset, example_z, schedule)
     counts = list(n_iters)
     for layer, index in flow.inverse_steps():
         if index is None:
@@ -280,8 +290,8 @@ class _LoopSampler:
     names each block's last fixed-point step norm, whose maximum is the ``residual`` output.
     """
 
-    def __init__(self, flow: Flow, opset: int, example_z: Tensor):
-        self.flow, self.opset, self.dtype = flow, opset, TensorProto.FLOAT
+    def __init__(self, flow: Flow, opset: int, example_z: Tensor, schedule: str = "plain"):
+        self.flow, self.opset, self.dtype, self.schedule = flow, opset, TensorProto.FLOAT, schedule
         self.nodes: list = []
         self.inits: list = []
         self.steps: list[str] = []
@@ -324,15 +334,18 @@ class _LoopSampler:
     def block(self, layer: ResidualBlock, index: int, n_iter: int) -> None:
         """Residual block ``index`` inverted by ``n_iter`` fixed-point steps.
 
-        A ``Loop`` runs ``n_iter - 1`` plain steps ``x <- y - g(x)``; the last step, outside it, also gives
-        the step norm, so no iteration computes a norm nobody reads.
+        A ``Loop`` runs ``n_iter - 1`` steps ``x <- y - g(x)`` (accelerated: the first one plain, before it,
+        which starts the carried history); the last step, outside it, is plain and also gives the step norm,
+        so no iteration computes a norm nobody reads.
         """
         prefix, y, h = f"block{index}/", self.current, self.example
         out_x, out_step = f"{prefix}x", f"{prefix}step"
         x_start = y
-        if n_iter > 1:
+        if self.schedule == "anderson" and n_iter > 1:
+            x_start = self._anderson_loop(layer, prefix, y, n_iter - 1)
+        elif n_iter > 1:
             plain_step = self._trace(lambda x, y: (layer.inverse_step(x, y)[0],), layer, (h, h), ["x", "y"], ["x_new"])
-            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], self.dtype)
+            body = _iterate_body(plain_step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], self.dtype, [("x", "x_new")])
             trip, x_start = f"{prefix}trip_count", f"{prefix}x_loop"
             self.inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_iter - 1]))
             self.nodes.append(helper.make_node("Loop", [trip, "", y], [x_start], body=body, name=f"{prefix}loop"))
@@ -345,6 +358,30 @@ class _LoopSampler:
             self.nodes += _zeros_per_sample(y, out_step, prefix, self.dtype)
         self.steps.append(out_step)
         self.current = out_x
+
+    def _anderson_loop(self, layer: ResidualBlock, prefix: str, y: str, n_steps: int) -> str:
+        """``n_steps`` accelerated iterations of ``layer`` from ``x0 = y``: a plain first step that starts the history
+        ``(x_1, T(x_0), f_0)``, then a ``Loop`` carrying it; returns the name of ``x_(n_steps)``."""
+        h = self.example
+        start = self._trace(layer.anderson_start, layer, (h,), ["y"], ["x", "image", "res"])
+        state = [f"{prefix}start_{name}" for name in ("x", "image", "res")]
+        _inline(
+            self.nodes,
+            self.inits,
+            start,
+            f"{prefix}start/",
+            {"y": y, **dict(zip(["x", "image", "res"], state, strict=True))},
+        )
+        if n_steps == 1:
+            return state[0]
+        names_in, names_out = ["x", "image_prev", "res_prev", "y"], ["x_new", "image", "res"]
+        step = self._trace(layer.anderson_step, layer, (h, h, h, h), names_in, names_out)
+        carried = list(zip(names_in[:3], names_out, strict=True))
+        body = _iterate_body(step, f"{prefix}it/", y, [BATCH, *h.shape[1:]], self.dtype, carried)
+        trip, looped = f"{prefix}trip_count", [f"{prefix}loop_{name}" for name in ("x", "image", "res")]
+        self.inits.append(helper.make_tensor(trip, TensorProto.INT64, [], [n_steps - 1]))
+        self.nodes.append(helper.make_node("Loop", [trip, "", *state], looped, body=body, name=f"{prefix}loop"))
+        return looped[0]
 
     def finish(self) -> onnx.ModelProto:
         """The preprocessing inverse, the ``residual`` output, and the model."""

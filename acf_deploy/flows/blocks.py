@@ -16,7 +16,9 @@ The inverse is a fixed number of Banach iterations ``x <- y - g(x)`` from ``x0 =
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch import nn
@@ -219,17 +221,49 @@ class ResidualBlock(nn.Module):
         x_new = y - self.g(x)
         return x_new, (x_new - x).flatten(1).norm(dim=1)
 
-    def inverse(self, y: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
-        """``n_iter`` fixed-point iterations from ``x0 = y``; returns ``(x, last step size)``.
+    def inverse(self, y: Tensor, n_iter: int, schedule: str = "plain") -> tuple[Tensor, Tensor]:
+        """``n_iter`` evaluations of ``g`` from ``x0 = y`` under ``schedule``; returns ``(x, last step size)``.
 
-        Only the last iteration computes the step norm (the others would compute it for nobody).
+        Plain iterations compute the step norm only in the last one (the others would compute it for nobody).
         """
         if n_iter < 1:
             return y, y.new_zeros(y.shape[0])
+        if schedule == "anderson":
+            return next(islice(self.iterates(y, schedule), n_iter - 1, None))
         x = y
         for _ in range(n_iter - 1):
             x = y - self.g(x)
         return self.inverse_step(x, y)
+
+    def iterates(self, y: Tensor, schedule: str = "plain") -> Iterator[tuple[Tensor, Tensor]]:
+        """What :meth:`inverse` returns with ``n = 1, 2, ...`` evaluations of ``g``: ``(T(x_(n-1)), step size)``.
+
+        ``T(x) = y - g(x)``. Plain: ``x_n = T(x_(n-1))``. ``anderson`` (Anderson acceleration with one previous
+        residual): ``x_n = T(x_(n-1)) - gamma (T(x_(n-1)) - T(x_(n-2)))``, ``gamma`` per sample minimising the
+        mixed residual (see :func:`anderson_mix`). Either way the result is one plain step from the last
+        iterate, so ``||x - x*|| <= L step / (1 - L)`` holds for what is returned, whatever came before.
+        """
+        x, image_prev, res_prev = y, None, None
+        while True:
+            image = y - self.g(x)
+            res = image - x
+            yield image, res.flatten(1).norm(dim=1)
+            accelerate = schedule == "anderson" and image_prev is not None
+            x = anderson_mix(image, res, image_prev, res_prev) if accelerate else image
+            image_prev, res_prev = image, res
+
+    def anderson_start(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The first accelerated iterate's state ``(x_1, T(x_0), f_0)`` from ``x_0 = y``: a plain step."""
+        image = y - self.g(y)
+        return image, image, image - y
+
+    def anderson_step(
+        self, x: Tensor, image_prev: Tensor, res_prev: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One accelerated iteration on the state ``(x_k, T(x_(k-1)), f_(k-1))``, giving the next state."""
+        image = y - self.g(x)
+        res = image - x
+        return anderson_mix(image, res, image_prev, res_prev), image, res
 
     @torch.no_grad()
     def solve(self, y: Tensor, max_iters: int = 400, stop: float = 1e-13) -> Tensor:
@@ -244,6 +278,21 @@ class ResidualBlock(nn.Module):
 
     def bake(self) -> None:
         self.g.bake()
+
+
+#: How residual blocks are inverted: plain fixed-point iterations, or Anderson-accelerated ones.
+SCHEDULES = ("plain", "anderson")
+
+
+def anderson_mix(image: Tensor, res: Tensor, image_prev: Tensor, res_prev: Tensor) -> Tensor:
+    """``T(x_k) - gamma (T(x_k) - T(x_(k-1)))`` with ``gamma = <f_k, f_k - f_(k-1)> / ||f_k - f_(k-1)||^2`` per sample,
+    the ``gamma`` that minimises the linearised residual ``||f_k - gamma (f_k - f_(k-1))||`` (``f = T(x) - x``).
+
+    A zero difference (converged, or rounding) gives ``gamma = 0``: the plain step.
+    """
+    diff = (res - res_prev).flatten(1)
+    gamma = (res.flatten(1) * diff).sum(1) / (diff * diff).sum(1).clamp_min(torch.finfo(res.dtype).tiny)
+    return image - gamma.reshape(-1, *([1] * (image.dim() - 1))) * (image - image_prev)
 
 
 def iterations_for(lipschitz: float, r0: float, tol: float) -> int:

@@ -147,8 +147,9 @@ class Flow(nn.Module):
             h = step.layer.inverse(h) if step.block is None else solve(step.block, step.layer, h)
         return self.preprocess.inverse(h) if self.preprocess is not None else h
 
-    def inverse(self, z: Tensor, n_iters: int | Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Latents ``(B, D)`` to data with fixed iteration counts per residual block.
+    def inverse(self, z: Tensor, n_iters: int | Sequence[int], schedule: str = "plain") -> tuple[Tensor, Tensor]:
+        """Latents ``(B, D)`` to data with fixed iteration counts per residual block, plain or accelerated
+        (:data:`~acf_deploy.flows.blocks.SCHEDULES`).
 
         Returns ``(x, residual)`` where ``residual`` is each sample's largest final fixed-point
         step over all blocks (a convergence and NaN flag).
@@ -161,16 +162,16 @@ class Flow(nn.Module):
 
         def solve(index: int, block: ResidualBlock, y: Tensor) -> Tensor:
             nonlocal residual
-            x, step = block.inverse(y, counts[index])
+            x, step = block.inverse(y, counts[index], schedule)
             residual = torch.maximum(residual, step)
             return x
 
         return self.invert(z, solve), residual
 
     def sample(
-        self, z: Tensor, n_iters: int | Sequence[int], temperature: float | Tensor = 1.0
+        self, z: Tensor, n_iters: int | Sequence[int], temperature: float | Tensor = 1.0, schedule: str = "plain"
     ) -> tuple[Tensor, Tensor]:
-        return self.inverse(z * temperature, n_iters)
+        return self.inverse(z * temperature, n_iters, schedule)
 
     @torch.no_grad()
     def solve_inverse(self, z: Tensor, max_iters: int = 400, stop: float = 1e-13) -> Tensor:

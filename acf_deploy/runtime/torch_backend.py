@@ -44,7 +44,7 @@ class TorchBackend(Backend):
         self.flow.bake()
         self.counts = [block["n_iter"] for block in artifact.manifest["blocks"]]
         self.terms = int(artifact.manifest["logdet"].get("terms", 0))
-        self._sample_graph = SampleGraph(self.flow, self.counts).eval()
+        self._sample_graph = SampleGraph(self.flow, self.counts, artifact.schedule).eval()
         self._density_graph = DensityGraph(self.flow, self.artifact.logdet_mode, self.terms).eval()
         self._density_names = density_io(self.artifact.logdet_mode)[1]
 
