@@ -28,11 +28,14 @@ from acf_deploy.runtime.bench import _call, _inputs, summarize, time_round_robin
 KEYS = {"sample": ("x",), "density": ("log_prob", "z")}
 
 
-def compare(before: Path, after: Path, what: str, batches: list[int], repeats: int, threads: int) -> dict:
+def compare(
+    before: Path, after: Path, what: str, batches: list[int], repeats: int, threads: int, labels: list[str]
+) -> dict:
     artifacts = {"before": open_artifact(before), "after": open_artifact(after)}
     nodes = {k: a.manifest["graphs"][what]["nodes"] for k, a in artifacts.items()}
     backends = {k: open_backend("ort", a, threads=threads) for k, a in artifacts.items()}
     report: dict = {"what": what, "threads": threads, "nodes": nodes, "load": os.getloadavg(), "rows": []}
+    report["labels"] = {"before": labels[0], "after": labels[1]}
     try:
         for batch in batches:
             inputs = _inputs(artifacts["after"], what, batch, seed=0)
@@ -59,8 +62,10 @@ def compare(before: Path, after: Path, what: str, batches: list[int], repeats: i
 
 def render(report: dict) -> str:
     keys = KEYS[report["what"]]
+    names = report.get("labels", {"before": "before", "after": "after"})
     lines = [
-        f"| batch | before median ms | after median ms | speed-up | {' | '.join(f'max abs diff {k}' for k in keys)} |",
+        f"| batch | {names['before']} median ms | {names['after']} median ms | speed-up | "
+        f"{' | '.join(f'max abs diff {k}' for k in keys)} |",
         "|---:|---:|---:|---:|" + "---:|" * len(keys),
     ]
     for row in report["rows"]:
@@ -71,7 +76,8 @@ def render(report: dict) -> str:
         )
     nodes = report["nodes"]
     lines.append(
-        f"\n{report['what']} graph nodes {nodes['before']} before, {nodes['after']} after; ONNX Runtime with "
+        f"\n{report['what']} graph nodes {nodes['before']} ({names['before']}), {nodes['after']} ({names['after']}); "
+        "ONNX Runtime with "
         f"{report['threads']} thread(s), round robin, {report['rows'][0]['after']['repeats']} timed rounds; "
         f"load average at start {', '.join(f'{v:.1f}' for v in report['load'])}."
     )
@@ -87,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "density_linearize.json")
+    parser.add_argument("--labels", default="before,after", help="names of the two artifacts in the table")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     if args.render_only:
@@ -96,7 +103,8 @@ def main() -> None:
         parser.error("BEFORE and AFTER artifacts are needed unless --render-only")
     started = time.perf_counter()
     batches = [int(b) for b in args.batch.split(",")]
-    report = compare(args.before, args.after, args.what, batches, args.repeats, args.threads)
+    labels = args.labels.split(",")
+    report = compare(args.before, args.after, args.what, batches, args.repeats, args.threads, labels)
     report["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(render(report))

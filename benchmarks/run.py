@@ -795,6 +795,9 @@ def companion_targets() -> list[dict]:
             ">= 1.7x",
             row["speedup"] >= 1.7,
         )
+    anderson = _companion("sample_anderson")
+    for row in anderson["rows"] if anderson else []:
+        add(f"sample batch {row['batch']}: Anderson schedule vs plain", row["speedup"], "> 1x", row["speedup"] > 1)
     cost = _companion("export_cost")
     if cost:
         add("quickstart end to end (s)", cost["quickstart"]["seconds"], "<= 120", cost["quickstart"]["seconds"] <= 120)
@@ -824,6 +827,18 @@ def companion_sections() -> list[str]:
             "its Schur complement every 16 steps), on ONNX Runtime in one run.",
             "",
             compare_artifacts.render(_companion("density_linearize")),
+            "",
+        ]
+    if _companion("sample_anderson"):
+        out += [
+            "## Sampling: Anderson-accelerated iterations",
+            "",
+            "`python benchmarks/compare_artifacts.py PLAIN ANDERSON --what sample`: the shipped digits-acf-l2 exported "
+            "with `--schedule plain` (the default) and `--schedule anderson`, each with its own calibrated counts, on "
+            "ONNX Runtime in one run. The accelerated loop body evaluates g once like the plain one, plus the mixing "
+            "(two reductions per sample).",
+            "",
+            compare_artifacts.render(_companion("sample_anderson")),
             "",
         ]
     if _companion("export_cost"):
