@@ -28,7 +28,7 @@ def lift(primal: Tensor) -> Tensor:
 
 def per_tangent(op: Callable[[Tensor], Tensor], vs: Tensor) -> Tensor:
     """Apply a per-sample ``op`` (a convolution, say) to tangents ``(T, K, *shape)`` as one batch of ``T K``."""
-    out = op(vs.flatten(0, 1))
+    out = op(vs.reshape(-1, *vs.shape[2:]))  # a target of -1 and static sizes, which an exported graph can fold
     return out.reshape(vs.shape[0], vs.shape[1], *out.shape[1:])
 
 

@@ -95,9 +95,11 @@ def jacobian_transpose(g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
     if not torch.jit.is_tracing():
         chunk = max(1, min(dim, EAGER_JVP_ELEMENTS // (b * widest_per_sample(g, x[0].numel()))))
     gx, apply = g.linearize(x)
+    # one chunk is the basis itself, unsliced: a traced slice would hide the constant (and its shape)
+    chunks = [basis] if chunk == dim else [basis[:, start : start + chunk] for start in range(0, dim, chunk)]
     parts = []
-    for start in range(0, dim, chunk):
-        columns = apply(basis[:, start : start + chunk])  # (1, n, ...) only if g were linear
+    for tangents in chunks:
+        columns = apply(tangents)  # (1, n, ...) only if g were linear
         parts.append(columns.expand(b, *columns.shape[1:]).reshape(b, -1, dim))
     return gx, parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
