@@ -657,7 +657,7 @@ def markdown(results: dict, files: list[str]) -> str:
         "",
         f"FLOPs counted from the ONNX graphs: sampling {bench_d['graphs']['sample']['flops_per_sample']['1'] / 1e6:.2f} MFLOP per sample, "
         f"density {bench_d['graphs']['density']['flops_per_sample']['1'] / 1e6:.1f} MFLOP per sample. {bound_sentence(bench_d)}. "
-        + results["bound_note"],
+        + BOUND_NOTE,
         "",
         *peer_section(bench_d),
         "## Iterations: certified, calibrated, oracle",
@@ -966,7 +966,6 @@ def main() -> None:
             results["mnist"] = {"manifest": json.loads((mnist_dir / MANIFEST).read_text()), "bench": mnist}
 
     results["loop_note"] = loop_note(lvu, default_inverse)
-    results["bound_note"] = BOUND_NOTE
     results["elapsed_s"] = time.perf_counter() - started
     results["python"] = platform.python_version()
     files = plots(results)
