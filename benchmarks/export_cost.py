@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from import_mnist import run as run_step  # the sibling script: one way to time a command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "export_cost.json"
@@ -25,17 +24,9 @@ MODELS = ROOT / "acf_deploy" / "models"
 
 
 def run(args: list[str], threads: int) -> dict:
-    """One ``acf-deploy`` command: wall seconds and peak RSS (MB)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "acf_deploy", *args]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_mb = int(done.stderr.strip().splitlines()[-1]) / 1024
-    print(f"{' '.join(args[:2])}: {seconds:.1f} s, peak RSS {peak_mb:.0f} MB", flush=True)
-    return {"seconds": seconds, "peak_rss_mb": peak_mb}
+    """One ``acf-deploy`` command, its wall seconds and peak RSS (MB)."""
+    row = run_step(" ".join(args[:2]), args, threads)
+    return {"seconds": row["seconds"], "peak_rss_mb": row["peak_rss_mb"]}
 
 
 def _export(model: Path, out: Path, threads: int) -> dict:

@@ -449,10 +449,7 @@ def run_bench(
             try:
                 backends[name] = _open(name, artifact, threads, opts)
             except BackendUnavailable as exc:
-                if name not in PEERS:
-                    raise
-                unavailable[name] = str(exc)
-                say(f"{name} unavailable: {exc}")
+                _skip_peer(name, exc, unavailable, say)
                 continue
             opened[name] = {"open_s": time.perf_counter() - started, "compile_s": {}}
         if "torch" in backends:
@@ -526,6 +523,14 @@ def _flops(artifact: Artifact, opts: BenchOptions) -> dict[str, dict[int, dict[s
     return out
 
 
+def _skip_peer(name: str, exc: BackendUnavailable, unavailable: dict[str, str], say: Callable[[str], None]) -> None:
+    """A peer that cannot run here is recorded in ``unavailable`` and skipped; our own backends fail the bench."""
+    if name not in PEERS:
+        raise exc
+    unavailable[name] = str(exc)
+    say(f"{name} unavailable: {exc}")
+
+
 def _call_sizes(artifact: Artifact, what: str, batch: int) -> list[int]:
     """The batch sizes one call of a cell runs: density goes in chunks of the artifact's largest safe batch."""
     chunk = int(artifact.manifest.get("max_safe_batch", batch)) if what == "density" else batch
@@ -551,10 +556,7 @@ def _prepare(
         try:
             spent = [backend.prepare(what, size) for size in _call_sizes(artifact, what, batch)]
         except BackendUnavailable as exc:
-            if name not in PEERS:
-                raise
-            unavailable[name] = str(exc)
-            say(f"{name} unavailable: {exc}")
+            _skip_peer(name, exc, unavailable, say)
             continue
         if any(s is not None for s in spent):
             seconds[name] = float(sum(s for s in spent if s is not None))
