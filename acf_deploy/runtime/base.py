@@ -27,6 +27,10 @@ class Backend(ABC):
     """A runner for one artifact on one runtime."""
 
     name: str = "?"
+    #: Set when this backend's numbers cannot verify the artifact's precision (see runtime.parity).
+    unverified_reason: str | None = None
+    #: How the numbers were produced, when that is not simply "the graph ran".
+    precision_note: str | None = None
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact

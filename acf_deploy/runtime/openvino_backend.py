@@ -55,10 +55,6 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
 
-    #: Set when this backend's numbers cannot verify the artifact's precision (see runtime.parity).
-    unverified_reason: str | None = None
-    precision_note: str | None = None
-
     def __init__(
         self,
         artifact: Artifact,

@@ -62,11 +62,6 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    #: Set when this backend's numbers cannot verify the artifact's precision (see runtime.parity).
-    unverified_reason: str | None = None
-    #: How the numbers were produced, when that is not simply "the graph ran".
-    precision_note: str | None = None
-
     def __init__(
         self,
         artifact: Artifact,

@@ -53,7 +53,7 @@ def unverified_reason(artifact: Artifact, backend: Backend) -> str | None:
         return None
     if backend.name == "torch":
         return f"the torch backend runs the fp32 reference, not the {precision} graph"
-    return getattr(backend, "unverified_reason", None)
+    return backend.unverified_reason
 
 
 @dataclass
@@ -230,7 +230,7 @@ def roundtrips(
 def _precision_args(artifact: Artifact, backend: Backend) -> tuple[str, str | None, str | None]:
     """``(precision, unverified reason, note)`` for :func:`_judge`."""
     precision = artifact.manifest.get("precision", "fp32")
-    return precision, unverified_reason(artifact, backend), getattr(backend, "precision_note", None)
+    return precision, unverified_reason(artifact, backend), backend.precision_note
 
 
 def check_inputs(artifact: Artifact, n: int, seed: int) -> dict[str, np.ndarray]:
