@@ -885,14 +885,15 @@ def experiment_paper(
     budget: str = typer.Option(
         "small",
         metavar="small|full",
-        help="small (CI smoke test, about a minute) | full (25 runs, about 75 min on 1 thread).",
+        help="small (CI smoke test, about a minute) | full (30 runs, about 90 min on 1 thread).",
     ),
     out_dir: Path = typer.Option(Path("experiments/paper"), "--out", help="Run directory; rerun to resume."),
     seeds: int | None = typer.Option(None, help="Seeds per preset (budget default: full 5, small 2)."),
-    threads: int = typer.Option(1, help="torch threads; 2 on an otherwise idle 2-core machine."),
+    threads: int = typer.Option(1, help="torch threads per run."),
+    jobs: int = typer.Option(1, help="Runs trained side by side in worker processes; 2 on an idle 2-core machine."),
     json_out: bool = typer.Option(False, "--json", help="The report path and verdicts as JSON."),
 ) -> None:
-    """Test the ACF paper's four claims on digits: 5 presets, one budget, paired seeds; writes REPORT.md."""
+    """Test the ACF paper's four claims on digits: 6 presets, one budget, paired seeds; writes REPORT.md."""
     from .experiment import run_experiment
 
     with progress() as bar:
@@ -912,7 +913,7 @@ def experiment_paper(
             elif kind == "run_done":
                 bar.update(tasks["runs"], completed=info["index"], info=f"last {info['heldout_bpd']:.3f}")
 
-        summary = run_experiment(budget, out_dir, seeds=seeds, threads=threads, on_event=on_event)
+        summary = run_experiment(budget, out_dir, seeds=seeds, threads=threads, on_event=on_event, jobs=jobs)
     if json_out:
         print_json({"report": str(summary["report"]), "verdicts": summary["verdicts"]})
         return

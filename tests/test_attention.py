@@ -15,6 +15,7 @@ from torch import nn
 
 from acf_deploy.errors import BadInput
 from acf_deploy.flows.attention import (
+    GATE_RATE,
     ACFBranch,
     DotProductAttention,
     GatedAttention,
@@ -61,15 +62,15 @@ def _gate(gate: GatedAttention, value: float) -> GatedAttention:
 
 
 def _make(kind: str, heads: int) -> nn.Module:
-    l2 = _randomise(L2Attention(DIM, heads, N))
-    dp = _randomise(DotProductAttention(DIM, heads, N))
+    l2 = _randomise(L2Attention(DIM, heads, HW))
+    dp = _randomise(DotProductAttention(DIM, heads, HW))
     return {
         "l2": l2,
         "dp": dp,
         "gated-l2": _gate(GatedAttention(l2, "abs"), 0.7),
         "gated-dp": _gate(GatedAttention(dp, "abs"), -1.3),
-        "convex-l2": _gate(GatedAttention(l2, "convex"), 0.4),
-        "tanh-dp": _gate(GatedAttention(dp, "tanh"), -0.8),
+        "convex-l2": _gate(GatedAttention(l2, "convex"), 0.4 / GATE_RATE),
+        "tanh-dp": _gate(GatedAttention(dp, "tanh"), -0.8 / GATE_RATE),
         "branch-l2": ACFBranch(l2, c=0.9),
         "branch-dp": ACFBranch(dp, c=0.9),
     }[kind]
@@ -77,7 +78,7 @@ def _make(kind: str, heads: int) -> nn.Module:
 
 def l2_reference_bound(module: L2Attention) -> float:
     """Independent float64 formula: sqrt(N/d) (4 W0((N-1)/e) + 1) sqrt(sum_h |W_h|^4 |V_h|^2) |W_O|."""
-    n, d = module.n_tokens, module.dim // module.heads
+    n, d = module.window[0] * module.window[1], module.dim // module.heads
     w = module.weight_qk.detach().double().numpy()
     v = module.weight_v.detach().double().numpy()
     o = module.weight_o.detach().double().numpy()
@@ -170,7 +171,7 @@ def test_linearize_applies_to_many_tangents(kind: str):
 @pytest.mark.parametrize("heads", [1, 4])
 def test_l2_bound_matches_formula_and_dominates_measurement(heads: int):
     torch.manual_seed(10 + heads)
-    module = _randomise(L2Attention(DIM, heads, N), scale=1.5).double()
+    module = _randomise(L2Attention(DIM, heads, HW), scale=1.5).double()
     inputs = _inputs()
     check_l2_bound(module, inputs)
     module.bake()
@@ -184,7 +185,7 @@ def test_l2_bound_grows_with_square_of_query_weight():
     ``W -> a W`` gives ``F_a(X) = a F(a X)``: Lip grows like a^2, so the root needs |W_h|^4.
     """
     torch.manual_seed(3)
-    module = L2Attention(DIM, 1, N).double()  # orthogonal init: every norm is 1
+    module = L2Attention(DIM, 1, HW).double()  # orthogonal init: every norm is 1
     with torch.no_grad():
         module.weight_qk.mul_(30.0)
         bound = float(module.bound())
@@ -197,7 +198,7 @@ def test_l2_bound_grows_with_square_of_query_weight():
 def test_bound_check_catches_dropped_head_factor(monkeypatch: pytest.MonkeyPatch):
     """The reference code's sqrt(N/D) (instead of sqrt(N/d)) under-normalises by sqrt(heads)."""
     torch.manual_seed(4)
-    module = _randomise(L2Attention(DIM, 4, N)).double()
+    module = _randomise(L2Attention(DIM, 4, HW)).double()
     inputs = _inputs(batch=2)
     check_l2_bound(module, inputs, steps=5)
     right = L2Attention._bound_from
@@ -213,7 +214,7 @@ def test_bound_check_catches_dropped_head_factor(monkeypatch: pytest.MonkeyPatch
 def test_training_bound_is_recomputed_and_differentiable():
     """Not frozen at construction (reference defect 4): scaling weights changes B, and B has gradients."""
     torch.manual_seed(5)
-    for module in (L2Attention(DIM, 2, N), DotProductAttention(DIM, 2, N)):
+    for module in (L2Attention(DIM, 2, HW), DotProductAttention(DIM, 2, HW)):
         before = float(module.bound().detach())
         with torch.no_grad():
             module.weight_o.mul_(2.0)
@@ -229,7 +230,7 @@ def test_training_bound_is_recomputed_and_differentiable():
 @pytest.mark.parametrize("heads", [1, 4])
 def test_permutation_equivariant_over_pixels(cls, heads: int):
     torch.manual_seed(6)
-    module = _randomise(cls(DIM, heads, N))
+    module = _randomise(cls(DIM, heads, HW))
     x = torch.randn(3, DIM, *HW)
     perm = torch.randperm(N)
     xp = x.flatten(2)[:, :, perm].reshape(x.shape)
@@ -239,7 +240,7 @@ def test_permutation_equivariant_over_pixels(cls, heads: int):
 
 def test_dp_sample_does_not_depend_on_batch():
     torch.manual_seed(7)
-    module = _randomise(DotProductAttention(DIM, 4, N)).double()
+    module = _randomise(DotProductAttention(DIM, 4, HW)).double()
     x0 = torch.randn(1, DIM, *HW, dtype=torch.float64)
     others = (
         torch.randn(5, DIM, *HW, dtype=torch.float64)
@@ -253,8 +254,58 @@ def test_dp_sample_does_not_depend_on_batch():
     assert torch.isfinite(y).all() and torch.isfinite(dy).all()  # the all-zero sample included
 
 
+# --- windows ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_windowed_l2_is_attention_within_each_tile(heads: int):
+    """Masked 2 x 2 windows of a 4 x 4 map compute, tile by tile, the global attention of that tile."""
+    torch.manual_seed(12)
+    windowed = _randomise(L2Attention(DIM, heads, HW, (2, 2))).double()
+    tile = L2Attention(DIM, heads, (2, 2)).double()
+    tile.load_state_dict(windowed.state_dict())
+    assert float(tile.bound().detach()) == pytest.approx(float(windowed.bound().detach()), rel=1e-12)
+    x = torch.randn(3, DIM, *HW, dtype=torch.float64)
+    y = windowed(x)
+    for i in (0, 2):
+        for j in (0, 2):
+            torch.testing.assert_close(y[:, :, i : i + 2, j : j + 2], tile(x[:, :, i : i + 2, j : j + 2]))
+
+
+def test_windowed_l2_jacobian_is_block_diagonal():
+    """The bound of one tile holds for the map only because no output reads another tile's input."""
+    torch.manual_seed(13)
+    module = _randomise(L2Attention(DIM, 2, HW, (2, 2))).double()
+    x = torch.randn(1, DIM, *HW, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(module, x).reshape(DIM, *HW, DIM, *HW)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    tile = (rows // 2) * 2 + cols // 2
+    cross = tile[:, :, None, None] != tile[None, None, :, :]  # (H, W, H', W'): pixels in different tiles
+    assert float(jac.permute(1, 2, 4, 5, 0, 3)[cross].abs().max()) == 0.0
+    assert float(jac.permute(1, 2, 4, 5, 0, 3)[~cross].abs().max()) > 0.0
+
+
+@pytest.mark.parametrize("window", [(2, 2), (1, 4), (4, 2)])
+def test_windowed_l2_bound_uses_tile_tokens_and_dominates_measurement(window):
+    torch.manual_seed(14)
+    module = _randomise(L2Attention(DIM, 2, HW, window), scale=1.5).double()
+    assert module.n_bound == window[0] * window[1] < N
+    ratio = check_l2_bound(module, _inputs())  # the formula at N = tile tokens, and measured <= it
+    whole = _randomise(L2Attention(DIM, 2, HW), scale=1.5).double()
+    whole.load_state_dict(module.state_dict())
+    assert float(module.bound().detach()) < float(whole.bound().detach())  # the point of windows: a smaller certified bound
+    assert 0.0 < ratio <= 1.0
+
+
+def test_windows_must_tile_the_map():
+    with pytest.raises(ValueError, match="tile"):
+        L2Attention(DIM, 2, HW, (3, 3))
+    with pytest.raises(ValueError, match="two tokens"):
+        L2Attention(DIM, 2, HW, (1, 1))
+
+
 def test_wrong_shape_is_rejected():
-    module = L2Attention(DIM, 2, N)
+    module = L2Attention(DIM, 2, HW)
     with pytest.raises(BadInput):
         module(torch.randn(1, DIM, 8, 8))
     with pytest.raises(BadInput):
@@ -265,10 +316,11 @@ def test_wrong_shape_is_rejected():
 
 
 def test_dp_bound_dominates_measurement():
-    """The derived DP bound holds on random, data-like and near-degenerate (tiny) inputs."""
+    """The derived DP bound holds on random, data-like and near-degenerate (tiny) inputs, in windows too
+    (rows attend within their tile, so ``kappa`` is the tile's; the normaliser still spans the map)."""
     torch.manual_seed(8)
-    for heads in (1, 4):
-        module = _randomise(DotProductAttention(DIM, heads, N), scale=2.0).double()
+    for heads, window in ((1, None), (4, None), (2, (2, 2))):
+        module = _randomise(DotProductAttention(DIM, heads, HW, window), scale=2.0).double()
         module.bake()
         bound = float(module.bound())
         inputs = _inputs(batch=3) + [1e-3 * torch.randn(3, DIM, *HW, dtype=torch.float64)]
@@ -294,14 +346,14 @@ def test_composed_bounds_dominate_measurement(kind: str):
     ("form", "value", "a", "b"),
     [
         ("abs", 0.7, 1 / 1.7, 0.7 / 1.7),
-        ("convex", 0.4, 1 - 1 / (1 + math.exp(-0.4)), 1 / (1 + math.exp(-0.4))),
-        ("tanh", -0.8, 0.5, 0.5 * math.tanh(-0.8)),
+        ("convex", 0.4 / GATE_RATE, 1 - 1 / (1 + math.exp(-0.4)), 1 / (1 + math.exp(-0.4))),
+        ("tanh", -0.8 / GATE_RATE, 0.5, 0.5 * math.tanh(-0.8)),
     ],
 )
 def test_gates_mix_input_and_attention_within_one(form: str, value: float, a: float, b: float):
     """``A(h) = a h + b F/B`` with ``|a| + |b| <= 1`` (so Lip(A) <= 1), the same before and after bake."""
     torch.manual_seed(11)
-    attn = _randomise(L2Attention(DIM, 2, N)).double()
+    attn = _randomise(L2Attention(DIM, 2, HW)).double()
     gated = _gate(GatedAttention(attn, form).double(), value)
     assert gated.lipschitz() == pytest.approx(abs(a) + abs(b)) and gated.lipschitz() <= 1 + 1e-12
     assert gated.attention_weight() == pytest.approx(b)
@@ -314,7 +366,7 @@ def test_gates_mix_input_and_attention_within_one(form: str, value: float, a: fl
 
 def test_new_gates_start_open_and_smooth():
     """The old gate starts closed with a kink at 0; the new ones start with attention on, differentiably."""
-    attn = L2Attention(DIM, 2, N).double()
+    attn = L2Attention(DIM, 2, HW).double()
     assert GatedAttention(attn, "abs").attention_weight() == 0.0
     for form in ("convex", "tanh"):
         gated = GatedAttention(attn, form).double()

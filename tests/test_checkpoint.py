@@ -100,7 +100,7 @@ def _other_shapes(directory: Path) -> None:
 
 def _missing_tensor(directory: Path) -> None:
     flow, config = _flow()
-    state = {k: v.contiguous() for k, v in flow.state_dict().items() if not k.endswith("gamma")}
+    state = {k: v.contiguous() for k, v in flow.state_dict().items() if not k.endswith("theta")}
     save_file(state, str(directory / WEIGHTS))
     _edit_meta(directory, weights_sha256=None)
 
@@ -132,7 +132,7 @@ CASES = {
     "unknown-preset": (lambda d: _edit_meta(d, preset="digits-bogus"), ["unknown preset", "digits-bogus"]),
     "preset-config-mismatch": (lambda d: _edit_meta(d, preset="digits-resflow"), ["does not belong", "digits-resflow"]),
     "wrong-shape": (_other_shapes, ["shape", "(8,"]),
-    "missing-tensor": (_missing_tensor, ["lacks", "gamma"]),
+    "missing-tensor": (_missing_tensor, ["lacks", "theta"]),
     "nan-weights": (_nan_weights, ["NaN"]),
     "config-cannot-build": (
         lambda d: _edit_meta(d, config={**json.loads((d / META).read_text())["config"], "heads": 3}),

@@ -9,13 +9,23 @@ from typing import Any
 
 from ..data import DIGITS_LEVELS
 
-PRESETS = ("digits-resflow", "digits-acf-l2", "digits-acf-dp", "digits-glow", "digits-glow-acf")
+PRESETS = (
+    "digits-resflow",
+    "digits-acf-l2",
+    "digits-acf-dp",
+    "digits-glow",
+    "digits-glow-acf",
+    "digits-acf-l2-abs-gate",
+    "digits-acf-l2-open-gate",
+)
 HOST = {
     "digits-resflow": "digits-resflow",
     "digits-acf-l2": "digits-resflow",
     "digits-acf-dp": "digits-resflow",
     "digits-glow": "digits-glow",
     "digits-glow-acf": "digits-glow",
+    "digits-acf-l2-abs-gate": "digits-resflow",
+    "digits-acf-l2-open-gate": "digits-resflow",
 }
 #: (variant, host): every claim is judged on these paired comparisons.
 COMPARISONS = (
@@ -23,6 +33,10 @@ COMPARISONS = (
     ("digits-acf-dp", "digits-resflow"),
     ("digits-glow-acf", "digits-glow"),
 )
+#: (variant, ablation): reported beside the claims, never counted in a verdict. The convex gate, which
+#: the data move, against the first gate ``(h + gamma F/B) / (1 + |gamma|)`` from gamma = 0 and against
+#: a gate held at ``(h + F/B) / 2``.
+ABLATIONS = (("digits-acf-l2", "digits-acf-l2-abs-gate"), ("digits-acf-l2", "digits-acf-l2-open-gate"))
 SIGMAS = (0.01, 0.05, 0.1)
 THRESHOLD_MARGIN = 0.05  # bits/dim above the host's final value
 CONFIDENCE = 0.9  # a sample is "confidently classified" when the classifier's top probability is at least this

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .budgets import (
+    ABLATIONS,
     CLAIMS,
     COMPARISONS,
     CONFIDENCE,
@@ -31,8 +32,9 @@ def protocol_text(budget: Budget, seeds: list[int]) -> str:
     test_images = "all 359" if b.test_size is None else f"the first {b.test_size}"
     sigmas = ", ".join(f"{s:g}" for s in SIGMAS)
     comparisons = "; ".join(f"`{v}` vs `{h}`" for v, h in COMPARISONS)
+    ablations = "; ".join(f"`{v}` vs `{a}`" for v, a in ABLATIONS)
     lines = [
-        f"Budget `{b.name}`, identical for all five presets (`{'`, `'.join(PRESETS)}`) and the same seeds "
+        f"Budget `{b.name}`, identical for all {len(PRESETS)} presets (`{'`, `'.join(PRESETS)}`) and the same seeds "
         f"{seeds} for each; a run is one (preset, seed).",
         "",
         "| setting | value |",
@@ -43,12 +45,16 @@ def protocol_text(budget: Budget, seeds: list[int]) -> str:
         "| log-det in training | residual blocks (i-ResBlocks, ACF layers): unbiased Russian-roulette estimator with the Neumann gradient; Glow's ActNorm, 1x1 conv and coupling: analytic |",
         f"| width | {b.hidden} (ResFlow host: hidden channels of each i-ResBlock; Glow host: hidden channels of each coupling network) |",
         f"| depth | {list(b.scales)} (blocks per scale; a Glow step is ActNorm, 1x1 conv, affine coupling [, ACF layer]) |",
-        f"| attention | {b.heads} heads; Lipschitz coefficient {b.coeff:g} per layer |",
+        f"| attention | {b.heads} heads; Lipschitz coefficient {b.coeff:g} per layer; ResFlow host: inside each i-ResBlock's g through the gate `a h + b F/B` (`|a| + |b| <= 1`), the presets' convex gate `b = sigmoid(10 theta)` from `b = 0.5`, pixels attending within 2 x 2 windows; Glow host: ACF layers over the whole map |",
         f"| training images | {train_images} of the fixed digits training split |",
         f"| seeds | {seeds} (a seed fixes initialisation, data order, dequantisation and roulette noise) |",
         *(f"| note | {note} |" for note in b.notes),
         "",
         f"Comparisons (variant vs host, paired by seed): {comparisons}.",
+        "",
+        f"Ablations (paired by seed, reported with the comparisons, never counted in a verdict): {ablations}: "
+        "`digits-acf-l2` with, in place of its convex gate and all else equal, the first gate "
+        "`(h + gamma F/B) / (1 + |gamma|)` from gamma = 0 (`abs-gate`), or a gate held at `(h + F/B) / 2` (`open-gate`).",
         "",
         "**Metrics** (all held-out scores use the exact log-det, the uniform dequantisation noise of seed "
         f"{EVAL_SEED}, identical for every run, and the bits/dim of docs/guarantees.md §1 for the 17-level data; a uniform model scores "
@@ -75,9 +81,11 @@ def protocol_text(budget: Budget, seeds: list[int]) -> str:
         "Samples have no labels, so no accuracy is computed; the classifier's accuracy and confident fraction on the "
         "real test images are given as the reference. Sample grids are shown side by side.",
         "5. *Cost and internals*: parameter count, training seconds per epoch (wall clock on this machine; "
-        "depends on its load), per residual block after training: gamma, attention share "
-        "`||gamma F/B|| / ||h||` on test data, certified Lipschitz bound and the measured constant (power iteration "
-        f"and adversarial search on {b.lip_inputs} test inputs and {b.lip_inputs} prior samples per block).",
+        "depends on its load), per residual block after training: certified Lipschitz bound and the measured "
+        f"constant (power iteration and adversarial search on {b.lip_inputs} test inputs and {b.lip_inputs} prior "
+        "samples per block); for attention inside g, the gate's attention weight `b`, the attention share "
+        "`||b F/B|| / ||h||` on test data (h: the map reaching the gate) and the gain/bound ratio of `F/B` (its "
+        "measured constant on those maps, by the same power iteration and adversarial search; the bound is 1).",
         "",
         "**Inconclusive rule**: for each comparison and metric the paired per-seed difference variant - host gets a "
         "two-sided 95% Student-t interval over seeds; if it contains 0 the comparison is *inconclusive*, otherwise "
@@ -207,7 +215,7 @@ def render_report(
         "",
         *_comparisons_table(analysis["comparisons"]),
         "",
-        "### 3.5 Per-block Lipschitz constants, gamma and attention share (mean over seeds)",
+        "### 3.5 Per-block Lipschitz constants, gate, gain/bound ratio and attention share (mean over seeds)",
         "",
         *_blocks_table(summary, results),
         "",
@@ -228,7 +236,7 @@ def _provenance(results: list[dict], header: dict[str, Any]) -> list[str]:
         f"- Command: `{header['command']}`",
         f"- Commit at report time: `{header['git']['commit']}`{dirty}; runs trained at: {commit_list}",
         f"- Protocol written to `PROTOCOL.md` at {header['protocol_written']} (before the first run; a resumed experiment must match it)",
-        f"- Report written at {header['finished']}; torch {torch.__version__}, {header['threads']} torch thread(s), {header['cpus']} CPU(s), {platform.machine()}",
+        f"- Report written at {header['finished']}; torch {torch.__version__}, {header.get('jobs', 1)} run(s) at a time with {header['threads']} torch thread(s) each, {header['cpus']} CPU(s), {platform.machine()}",
         f"- Runs: {len(results)} of {len(PRESETS) * len(header['seeds'])} ({len(header['skipped'])} reused from an earlier invocation)",
     ]
 
@@ -313,13 +321,13 @@ def _blocks_table(summary: dict[str, Any], results: list[dict]) -> list[str]:
         failed = [r for r in results if r["preset"] == preset and any("error" in b for b in r["blocks"])]
         for r in failed:
             rows.append(
-                [f"`{preset}`", f"seed {r['seed']}", f"measurement failed: {r['blocks'][0]['error']}"] + ["-"] * 6
+                [f"`{preset}`", f"seed {r['seed']}", f"measurement failed: {r['blocks'][0]['error']}"] + ["-"] * 8
             )
         runs = [r for r in results if r["preset"] == preset and r not in failed]
         if not runs:
             continue
         if not runs[0]["blocks"]:
-            rows.append([f"`{preset}`", "-", "no residual blocks"] + ["-"] * 6)
+            rows.append([f"`{preset}`", "-", "no residual blocks"] + ["-"] * 8)
             continue
         for i, row in enumerate(runs[0]["blocks"]):
             per_seed = [r["blocks"][i] for r in runs]
@@ -329,8 +337,12 @@ def _blocks_table(summary: dict[str, Any], results: list[dict]) -> list[str]:
                 return "-" if any(v is None for v in values) else f"{np.mean(values):.4g}"
 
             measured = max(r["lipschitz_measured"] for r in per_seed)
+            shares = [r.get("attention_share") for r in per_seed]
+            least = "-" if any(v is None for v in shares) else f"{min(shares):.4g}"
             rows.append(
                 [f"`{preset}`", row["block"], row["kind"], row["guarantee"], mean("lipschitz_certified")]
-                + [mean("lipschitz_bound"), f"{measured:.4g}", mean("gamma"), mean("attention_share")]
+                + [mean("lipschitz_bound"), f"{measured:.4g}", mean("gate"), mean("attention_gain")]
+                + [mean("attention_share"), least]
             )
-    return markdown_table([*header, "gamma", "attention share"], rows)
+    extra = ["gate b", "gain/bound of F/B", "attention share", "least share (over seeds)"]
+    return markdown_table([*header, *extra], rows)

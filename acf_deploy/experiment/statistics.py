@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .budgets import COMPARISONS, HOST, LEVEL_ALPHA, PRESETS, SIGMAS, THRESHOLD_MARGIN, Budget
+from .budgets import ABLATIONS, COMPARISONS, HOST, LEVEL_ALPHA, PRESETS, SIGMAS, THRESHOLD_MARGIN, Budget
 
 
 def t_interval(values: list[float] | np.ndarray, alpha: float = LEVEL_ALPHA) -> dict[str, Any]:
@@ -77,6 +77,7 @@ def analyse(results: list[dict], budget: Budget) -> dict[str, Any]:
     pairs = [(v, h) for v, h in COMPARISONS if v in summary and h in summary]
     if {"digits-acf-dp", "digits-acf-l2"} <= set(summary):
         pairs.append(("digits-acf-dp", "digits-acf-l2"))
+    pairs += [(v, a) for v, a in ABLATIONS if v in summary and a in summary]
     comparisons = [_comparison(results, v, h, thresholds.get(HOST[h]), budget) for v, h in pairs]
     main = [c for c in comparisons if (c["variant"], c["host"]) in COMPARISONS]
     dp_vs_l2 = [c for c in comparisons if (c["variant"], c["host"]) == ("digits-acf-dp", "digits-acf-l2")]

@@ -25,6 +25,7 @@ MAX_HIDDEN = 1024
 MAX_BLOCKS = 256
 MAX_HEADS = 64
 MAX_TOKENS = 4096
+MAX_WINDOW = 64
 MAX_LEVELS = 1 << 16
 MAX_PARAMETERS = 200_000_000
 ATTENTION = (None, "l2", "dp")
@@ -98,15 +99,26 @@ def _resflow(config: Config) -> None:
             raise _fail("heads", f"a divisor of hidden ({hidden})", heads)
         if "gate" in config:
             _choice(config, "gate", GATES)
+        if config.get("window") is not None:
+            _int(config, "window", 2, MAX_WINDOW)
     parameters = 0
     for scale, n_blocks in enumerate(scales):
         if h % 2 == 0 and w % 2 == 0 and (scale > 0 or config.get("squeeze_first", True)):
             c, h, w = 4 * c, h // 2, w // 2
         if attention and h * w > MAX_TOKENS:
             raise _fail("data_shape", f"at most {MAX_TOKENS} attention tokens per scale", config["data_shape"])
+        if attention and config.get("window"):
+            _check_windows(config["window"], h, w)
         per_block = 18 * c * hidden + hidden * hidden + 2 * hidden * h * w + (4 * hidden * hidden if attention else 0)
         parameters += n_blocks * per_block
     _check_size(parameters)
+
+
+def _check_windows(side: int, h: int, w: int) -> None:
+    """Windows of ``side`` (clipped to the map) must tile each attention map and hold at least two tokens."""
+    wh, ww = min(side, h), min(side, w)
+    if h % wh or w % ww or wh * ww < 2:
+        raise _fail("window", f"a window side that tiles every attention map (this one is {h}x{w})", side)
 
 
 def _glow(config: Config) -> None:
