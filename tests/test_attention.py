@@ -293,7 +293,8 @@ def test_windowed_l2_bound_uses_tile_tokens_and_dominates_measurement(window):
     ratio = check_l2_bound(module, _inputs())  # the formula at N = tile tokens, and measured <= it
     whole = _randomise(L2Attention(DIM, 2, HW), scale=1.5).double()
     whole.load_state_dict(module.state_dict())
-    assert float(module.bound().detach()) < float(whole.bound().detach())  # the point of windows: a smaller certified bound
+    # the point of windows: a smaller certified bound
+    assert float(module.bound().detach()) < float(whole.bound().detach())
     assert 0.0 < ratio <= 1.0
 
 
