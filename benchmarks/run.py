@@ -799,6 +799,10 @@ def companion_targets() -> list[dict]:
     for row in anderson["rows"] if anderson else []:
         if row["batch"] == 256:  # where it is meant to pay; batch 1 is in its section
             add("sample batch 256: Anderson schedule vs plain", row["speedup"], "> 1x", row["speedup"] > 1)
+    training = _companion("train_cost")
+    for row in training["rows"] if training else []:
+        if row["variant"] in ("digits-acf-l2", "digits-acf-dp"):
+            add(f"training step, {row['variant']} vs digits-resflow", row["ratio"], "<= 1.5x", row["ratio"] <= 1.5)
     cost = _companion("export_cost")
     if cost:
         add("quickstart end to end (s)", cost["quickstart"]["seconds"], "<= 120", cost["quickstart"]["seconds"] <= 120)
@@ -816,6 +820,7 @@ def companion_sections() -> list[str]:
     import compare_artifacts
     import export_cost
     import import_mnist
+    import train_cost
 
     out = []
     if _companion("density_linearize"):
@@ -849,6 +854,16 @@ def companion_sections() -> list[str]:
             "`python benchmarks/export_cost.py`: each step its own `acf-deploy` process under GNU time.",
             "",
             export_cost.render(_companion("export_cost")),
+            "",
+        ]
+    if _companion("train_cost"):
+        out += [
+            "## Training cost of attention",
+            "",
+            "`python benchmarks/train_cost.py`: one training step (roulette log-det, Neumann gradient, Adam) of each "
+            "ResFlow-host digits preset, interleaved in one process.",
+            "",
+            train_cost.render(_companion("train_cost")),
             "",
         ]
     if _companion("import_mnist"):

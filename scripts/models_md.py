@@ -25,14 +25,15 @@ def section(directory: Path) -> str:
         f"- Held-out {unit}, exact log-det, EMA weights after bake: **{metrics[key]:.4f}**",
         f"- Training time on the 2-core machine: {metrics['train_seconds']:.0f} s; files: {size / 1e6:.2f} MB",
         "",
-        "| block | kind | guarantee | L certified | L measured | gamma | attention share |",
-        "|---|---|---|---|---|---|---|",
+        "| block | kind | guarantee | L certified | L measured | gate b | gain/bound of F/B | attention share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in metrics["blocks"]:
         cert = row.get("lipschitz_certified")
         lines.append(
             f"| {row['block']} | {row['kind']} | {row['guarantee']} | {'-' if cert is None else f'{cert:.4f}'} "
-            f"| {row['lipschitz_measured']:.4f} | {_fmt(row.get('gamma'))} | {_fmt(row.get('attention_share'))} |"
+            f"| {row['lipschitz_measured']:.4f} | {_fmt(row.get('gate'))} | {_fmt(row.get('attention_gain'))} "
+            f"| {_fmt(row.get('attention_share'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -47,7 +48,9 @@ def main() -> None:
         "Trained checkpoints inside the package (`acf_deploy/models/<preset>/`: `model.safetensors` + `model.json`).\n"
         "Regenerate this page with `python scripts/models_md.py`. L certified is the exact operator-norm bound of the\n"
         "baked block; L measured is the largest constant found by power iteration and an adversarial search on\n"
-        "held-out data and prior samples (a lower bound). The attention share is `||gamma F/B|| / ||h||`, averaged over data.\n\n"
+        "held-out data and prior samples (a lower bound). For attention inside g, gate b is the weight of `F/B` in the\n"
+        "gate `a h + b F/B`, the gain/bound ratio is F/B's measured constant (its certified bound is 1) on the maps h that\n"
+        "reach it, and the attention share is `||b F/B|| / ||h||`, averaged over held-out data.\n\n"
         "Training times are wall-clock on the 2-core CPU machine with 2 torch threads.\n\n"
     )
     body = "\n".join(section(d) for d in sorted(MODELS.iterdir()) if (d / "model.json").is_file())

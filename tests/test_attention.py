@@ -24,6 +24,7 @@ from acf_deploy.flows.attention import (
     l2_constant,
 )
 from acf_deploy.flows.measure import adversarial_lipschitz, jacobian_norm, measured_lipschitz
+from acf_deploy.flows.presets import build_flow, preset_config
 
 DIM, HW = 8, (4, 4)
 N = HW[0] * HW[1]
@@ -296,6 +297,35 @@ def test_windowed_l2_bound_uses_tile_tokens_and_dominates_measurement(window):
     # the point of windows: a smaller certified bound
     assert float(module.bound().detach()) < float(whole.bound().detach())
     assert 0.0 < ratio <= 1.0
+
+
+def test_presets_attend_in_windows_and_old_configs_over_the_whole_map():
+    flow = build_flow(preset_config("digits-acf-l2", hidden=8))
+    attns = [m for m in flow.modules() if isinstance(m, L2Attention)]
+    assert {(a.hw, a.window) for a in attns} == {((4, 4), (2, 2)), ((2, 2), (2, 2))}
+    assert all((a.mask is None) == (a.hw == (2, 2)) for a in attns)  # one tile: no mask at all
+    gates = {m.form for m in flow.modules() if isinstance(m, GatedAttention)}
+    assert gates == {"convex"}
+    saved_before = {k: v for k, v in preset_config("digits-acf-l2", hidden=8).items() if k not in ("window", "gate")}
+    old = build_flow(saved_before)  # a checkpoint written before windows and gates rebuilds as it was
+    assert {(a.hw, a.window) for a in old.modules() if isinstance(a, L2Attention)} == {
+        ((4, 4), (4, 4)),
+        ((2, 2), (2, 2)),
+    }
+    assert {m.form for m in old.modules() if isinstance(m, GatedAttention)} == {"abs"}
+    for bad in (1, 3, "2", 100):
+        with pytest.raises(BadInput, match="'window'"):
+            build_flow(preset_config("digits-acf-l2", hidden=8, window=bad))
+
+
+def test_open_gate_is_fixed_at_half():
+    attn = L2Attention(DIM, 2, HW).double()
+    gated = GatedAttention(attn, "open").double()
+    assert gated.attention_weight() == 0.5 and gated.lipschitz() == pytest.approx(1.0)
+    assert not any(name.endswith("theta") for name, _ in gated.named_parameters())  # nothing to train
+    h = torch.randn(2, DIM, *HW, dtype=torch.float64)
+    gated.bake()
+    torch.testing.assert_close(gated(h), 0.5 * h + 0.5 * attn(h))
 
 
 def test_windows_must_tile_the_map():

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from acf_deploy.cli import app
 from acf_deploy.data import digits_split, to_model_space
 from acf_deploy.experiment import (
+    ABLATIONS,
     BUDGETS,
     CLAIMS,
     PRESETS,
@@ -40,11 +41,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("experiment") / "paper"
-    result = runner.invoke(app, ["experiment", "paper", "--budget", "small", "--out", str(out), "--threads", "1"])
+    # two worker processes; the reruns below go through the sequential path
+    args = ["experiment", "paper", "--budget", "small", "--out", str(out), "--threads", "1", "--jobs", "2"]
+    result = runner.invoke(app, args)
     return out, result
 
 
-@pytest.mark.slow  # the small budget end to end: 10 training runs, scoring, figures
+@pytest.mark.slow  # the small budget end to end: 14 training runs, scoring, figures
 @pytest.mark.timeout(240)
 def test_small_budget_writes_a_preregistered_report(small_run):
     out, result = small_run
@@ -94,6 +97,13 @@ def test_small_budget_writes_a_preregistered_report(small_run):
             assert run["config"]["scales"] == list(BUDGETS["small"].scales)
     blocks = json.loads((out / "runs" / "digits-acf-l2" / "seed0" / "result.json").read_text())["blocks"]
     assert blocks and all("gate" in b and "attention_share" in b and b["lipschitz_measured"] > 0 for b in blocks)
+    assert all(0 < b["attention_gain"] <= 1 + 1e-6 for b in blocks)  # F/B's measured gain over its bound of 1
+    # the gate ablations are paired comparisons of their own, never evidence for a claim
+    compared = {(c["variant"], c["host"]) for c in aggregates["comparisons"]}
+    assert set(ABLATIONS) <= compared
+    verdict_lines = report[sections[1] : sections[2]]
+    assert "abs-gate" not in verdict_lines and "open-gate" not in verdict_lines
+    assert "`digits-acf-l2` vs `digits-acf-l2-abs-gate`" in report[sections[2] :]
 
 
 @pytest.mark.slow
@@ -105,7 +115,7 @@ def test_rerun_resumes_and_refuses_another_protocol(small_run):
     again = runner.invoke(app, ["experiment", "paper", "--budget", "small", "--out", str(out), "--json"])
     assert again.exit_code == 0, again.output
     assert (out / "runs" / "digits-resflow" / "seed0" / "result.json").stat().st_mtime_ns == before
-    assert "10 reused" in (out / "REPORT.md").read_text()
+    assert "14 reused" in (out / "REPORT.md").read_text()
     payload = json.loads(again.stdout)
     assert set(payload["verdicts"].values()) <= set(VERDICTS)
 

@@ -41,13 +41,14 @@ from ..data import digits_split
 from ..errors import BadInput
 from ..fileio import atomic_path, check_output_dir, write_json
 from ..flows.presets import preset_config
-from .budgets import BUDGETS, CLAIMS, COMPARISONS, PRESETS, SIGMAS, VERDICTS, Budget
+from .budgets import ABLATIONS, BUDGETS, CLAIMS, COMPARISONS, PRESETS, SIGMAS, VERDICTS, Budget
 from .figures import plot_awgn, plot_curves, plot_samples
 from .report import protocol_text, render_report
 from .runs import fit_classifier, git_commit, noisy_bpd, quantise, read_json, run_one
 from .statistics import aggregate, analyse, outcome, paired_interval, t_interval
 
 __all__ = [
+    "ABLATIONS",
     "BUDGETS",
     "CLAIMS",
     "COMPARISONS",
