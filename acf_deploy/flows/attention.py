@@ -53,9 +53,8 @@ def _heads(x: Tensor, weight: Tensor) -> Tensor:
     """Pixels ``(..., D, N)`` (a flattened map, one column per pixel) projected by every head of ``weight``
     ``(heads, D, d)``: ``(..., heads, d, N)``.
 
-    The attention works on columns, as the maps are stored: one matrix product with the heads stacked,
-    no transposed copies, and gradients that reach the convolutions in their own memory layout (a
-    transposed gradient sends them down a slow path).
+    The attention works on columns, as the maps are stored: one matrix product with the heads stacked
+    instead of a batched product per head, and no transposed copy of the map.
     """
     heads, dim, width = weight.shape
     out = weight.transpose(1, 2).reshape(heads * width, dim) @ x
