@@ -304,7 +304,8 @@ def import_cmd(
 
 def render_blocks(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    for column in ("block", "kind", "guarantee", "certified bound", "measured L", "gate", "attention share"):
+    columns = ("block", "kind", "guarantee", "certified bound", "measured L", "gate", "gain/bound", "attention share")
+    for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -314,6 +315,7 @@ def render_blocks(rows: list[dict[str, Any]], title: str) -> None:
             _fmt(row.get("lipschitz_certified")),
             _fmt(row["lipschitz_measured"]),
             _fmt(row.get("gate", row.get("gamma"))),
+            _fmt(row.get("attention_gain")),
             _fmt(row.get("attention_share")),
         )
     out.print(table)
