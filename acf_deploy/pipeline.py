@@ -81,7 +81,7 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 
 def final_report(flow: Flow, config: dict[str, Any], out_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Held-out score (exact log-det), per-block L / gamma / attention share, and a picture of samples."""
+    """Held-out score (exact log-det), per-block L, gate, gain/bound and attention share, and a picture of samples."""
     baked = build_flow(config)
     baked.load_state_dict(flow.state_dict())
     baked.bake()

@@ -1,4 +1,4 @@
-"""Per-block facts about a baked flow: certified vs measured Lipschitz constant, gamma, attention share.
+"""Per-block facts about a baked flow: certified vs measured Lipschitz constant, and for attention its gate, gain/bound ratio and share.
 
 Measured constants are lower bounds found by power iteration and an adversarial search on the
 inputs each block really receives (data pushed forward, prior samples pulled back); a certified

@@ -134,7 +134,7 @@ def _sample_quality(baked: Flow, budget: Budget, classifier, run_dir: Path) -> t
 def _block_rows(
     baked: Flow, final_data: np.ndarray, samples: torch.Tensor, budget: Budget, config: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Per-block Lipschitz constants, gamma and attention share; one error row when the run diverged."""
+    """Per-block Lipschitz constants, gate, gain/bound ratio and attention share; one error row when the run diverged."""
     n_lip = budget.lip_inputs
     gen = torch.Generator().manual_seed(EVAL_SEED)
     try:
