@@ -131,7 +131,7 @@ def test_rerun_resumes_and_refuses_another_protocol(small_run):
     assert new["train_seconds"] == old["train_seconds"]  # no epoch was trained again
     assert [p["bpd"] for p in new["curve"]] == pytest.approx([p["bpd"] for p in old["curve"]], abs=1e-9)
     assert new["heldout_bpd"] == pytest.approx(old["heldout_bpd"], abs=1e-9)
-    assert "9 reused" in (out / "REPORT.md").read_text()
+    assert "13 reused" in (out / "REPORT.md").read_text()
 
     other = runner.invoke(app, ["experiment", "paper", "--budget", "small", "--out", str(out), "--seeds", "3"])
     assert other.exit_code == 2

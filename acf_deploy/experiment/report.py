@@ -132,7 +132,7 @@ def _why(analysis: dict[str, Any], claim: str) -> str:
                 f"{name}: confident fraction {_ci(c['confident_fraction'], 3, True)} ({c['outcome']['confident_fraction']}), "
                 f"class entropy {_ci(c['class_entropy_bits'], 3, True)} bits"
             )
-        elif claim == "robustness":
+        elif claim == "robustness" and (c["variant"], c["host"]) not in ABLATIONS:
             per = ", ".join(f"sigma {k}: {_ci(v, 4, True)}" for k, v in c["awgn_relative"].items())
             parts.append(f"{name}: {per} ({c['outcome']['awgn']})")
     return "; ".join(parts) if parts else "no comparison ran"
