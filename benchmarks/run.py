@@ -856,6 +856,20 @@ def companion_sections() -> list[str]:
             export_cost.render(_companion("export_cost")),
             "",
         ]
+    if _companion("reship_sample") and _companion("reship_density"):
+        out += [
+            "## The reshipped digits-acf-l2 against the previous one",
+            "",
+            "`python benchmarks/compare_artifacts.py PREVIOUS RESHIPPED` (`--what sample`, then density): the "
+            "previous shipped model (attention over whole maps, exported by the previous code) and the reshipped one "
+            "(2 x 2 windows, convex gate, this code), on ONNX Runtime in one run. Different weights, so the outputs "
+            "differ; the tables compare speed only.",
+            "",
+            compare_artifacts.render(_companion("reship_sample")),
+            "",
+            compare_artifacts.render(_companion("reship_density")),
+            "",
+        ]
     if _companion("train_cost"):
         out += [
             "## Training cost of attention",
