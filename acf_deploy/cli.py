@@ -887,7 +887,7 @@ def experiment_paper(
     budget: str = typer.Option(
         "small",
         metavar="small|full",
-        help="small (CI smoke test, about a minute) | full (30 runs, about 90 min on 1 thread).",
+        help="small (CI smoke test, about a minute) | full (35 runs, 30 min with --jobs 2 on 2 cores).",
     ),
     out_dir: Path = typer.Option(Path("experiments/paper"), "--out", help="Run directory; rerun to resume."),
     seeds: int | None = typer.Option(None, help="Seeds per preset (budget default: full 5, small 2)."),

@@ -15,8 +15,8 @@ to the top of ``REPORT.md``; resuming in a directory whose protocol differs is r
 Every run writes ``runs/<preset>/seed<k>/result.json`` when it is complete and is skipped when that file
 exists, so a stopped experiment continues where it stopped (a half-trained run resumes from its last
 epoch checkpoint). Runs are independent, so ``jobs`` worker processes can train them side by side
-(``threads`` torch threads each): on a 2-core machine two single-thread workers finish the full budget
-in about half the time of one, because these small models use a second thread poorly.
+(``threads`` torch threads each): these small models use a second thread poorly, so on 2 cores two
+single-thread workers are the better split (the full budget's 35 runs took 30 minutes that way).
 
 Statistics: for each comparison the per-seed paired difference ``d_s = variant_s - host_s`` gets a
 two-sided 95% Student-t interval, ``mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)``; an interval that

@@ -110,7 +110,8 @@ BUDGETS: dict[str, Budget] = {
     # 36 s per epoch of all five presets, 179 s for five seeds. Final scoring per run (bake, clean and
     # three AWGN scores of 359 images, 256 samples, per-block Lipschitz measurements): 31, 70, 77, 0.2,
     # 21 s, 995 s for all 25 runs. 20 epochs: 20 * 179 + 995 = 4,575 s = 76 min on one thread, inside
-    # the 90-minute budget with a margin (less with --threads 2 on an idle machine).
+    # the 90-minute budget with a margin (less with --threads 2 on an idle machine). Measured since, with
+    # windowed attention and the two gate ablations: 35 runs in 30 min with --jobs 2 on an idle 2-core machine.
     "full": Budget(
         name="full",
         seeds=5,
