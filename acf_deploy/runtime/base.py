@@ -14,13 +14,29 @@ the jobs' batch sizes); the ``trt`` backend also splits batches to fit its engin
 
 from __future__ import annotations
 
+import signal
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..artifact import Artifact
 
 Arrays = dict[str, np.ndarray]
+
+
+def _block_interrupts() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def shard_pool(workers: int) -> ThreadPoolExecutor | None:
+    """Threads that run batch shards side by side, or ``None`` for one worker.
+
+    They block SIGINT and SIGTERM, so the kernel delivers an interrupt to the main thread, where it
+    breaks the wait on the shards at once (an interrupted ``sample`` was once seen to keep running
+    while its main thread waited on them).
+    """
+    return ThreadPoolExecutor(workers, initializer=_block_interrupts) if workers > 1 else None
 
 
 class Backend(ABC):

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ..artifact import Artifact
 from ..errors import BackendUnavailable, BadInput
-from .base import Arrays, Backend
+from .base import Arrays, Backend, shard_pool
 from .ort_backend import MIN_SHARD_ROWS, available_cores
 
 #: Statically shaped compilations kept per graph (a job uses one batch size and its remainder).
@@ -68,7 +67,7 @@ class OpenVinoBackend(Backend):
         if static:
             self.name = "openvino-static"
         self.workers = threads or available_cores()
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._pool = shard_pool(self.workers)
         self.core = ov.Core()
         self.config = {
             "INFERENCE_PRECISION_HINT": "f32",

@@ -10,13 +10,12 @@ running the halves of a batch concurrently on single-threaded runs of the same s
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..artifact import Artifact
 from ..errors import BackendUnavailable, BadInput
-from .base import Arrays, Backend
+from .base import Arrays, Backend, shard_pool
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -89,7 +88,7 @@ class OrtBackend(Backend):
         providers = [p for p in wanted if p in available]
         on_cpu = device == "cpu"
         self.workers = (threads or available_cores()) if on_cpu else 1
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._pool = shard_pool(self.workers)
         options = session_options(1 if on_cpu else threads)
         precision = artifact.manifest.get("precision", "fp32")
         half = precision in ("fp16", "bf16")
